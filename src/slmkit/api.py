@@ -1,0 +1,85 @@
+"""The Python API over a trained model: load a run, generate (streaming or not), score, evaluate.
+
+    lm = slmkit.load("runs/demo")
+    for piece in lm.generate_stream("ROMEO:", max_new_tokens=100):
+        print(piece, end="", flush=True)
+    lm.score("To be, or not to be").perplexity
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from slmkit.checkpoint import Checkpoint, load_model
+from slmkit.evaluation import LMScore, score_tokens, token_logprobs
+from slmkit.generate import GenerationConfig, generate_stream, generate_text
+from slmkit.model import GPT
+from slmkit.runtime import resolve_device, resolve_dtype
+from slmkit.tokenizers import Tokenizer
+
+
+class LanguageModel:
+    """A GPT together with its tokenizer, device and precision."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, checkpoint: Checkpoint | None = None,
+                 device: str = "auto", dtype: str = "auto"):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def generate_stream(self, prompt: str = "", **options) -> Iterator[str]:
+        gen = replace(GenerationConfig(), **options)
+        ids = self._prompt_ids(prompt)
+        yield from generate_stream(self.model, self.tokenizer, gen=gen, device=self.device, dtype=self.dtype,
+                                   prompt_ids=ids)
+
+    def generate(self, prompt: str = "", **options) -> list[str]:
+        gen = replace(GenerationConfig(), **options)
+        return generate_text(self.model, self.tokenizer, gen=gen, device=self.device, dtype=self.dtype,
+                             prompt_ids=self._prompt_ids(prompt))
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if prompt:
+            return self.tokenizer.encode(prompt)
+        # An empty prompt starts from end-of-text (BPE) or a newline (characters).
+        if "eot" in self.tokenizer.special:
+            return [self.tokenizer.special["eot"]]
+        return self.tokenizer.encode("\n")
+
+    def score_ids(self, ids: list[int], chars: int, batch_size: int = 8) -> tuple[LMScore, np.ndarray]:
+        tokens = np.asarray(ids, dtype=np.int64)
+        logp = token_logprobs(self.model, tokens, batch_size, self.device, self.dtype)
+        return LMScore(nll=float(-logp.sum()), tokens=int(logp.size), chars=chars), logp
+
+    def score(self, text: str, prepend_eot: bool = True) -> LMScore:
+        return self.score_text(text, prepend_eot)[0]
+
+    def score_text(self, text: str, prepend_eot: bool = True) -> tuple[LMScore, list[int], np.ndarray]:
+        """Log-likelihood of `text`. With an end-of-text token, it conditions the first token, so
+        every token of the text is scored; without one the first token is context only."""
+        ids = self.tokenizer.encode(text)
+        eot = self.tokenizer.special.get("eot")
+        if prepend_eot and eot is not None:
+            ids = [eot, *ids]
+        chars = len(text) if (prepend_eot and eot is not None) else len(text) - len(self.tokenizer.decode(ids[:1]))
+        s, logp = self.score_ids(ids, chars)
+        return s, ids, logp
+
+    def evaluate_tokens(self, tokens: np.ndarray, chars: int, batch_size: int = 16) -> LMScore:
+        return score_tokens(self.model, tokens, chars, batch_size, self.device, self.dtype)
+
+
+def load(run_or_checkpoint: str | Path, device: str = "auto", dtype: str = "auto", which: str = "best") -> LanguageModel:
+    model, tokenizer, ckpt = load_model(run_or_checkpoint, "cpu", which)
+    return LanguageModel(model, tokenizer, ckpt, device, dtype)
+

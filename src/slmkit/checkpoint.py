@@ -1,0 +1,228 @@
+"""Run directories and checkpoints: atomic writes, exact resume, loading that never unpickles.
+
+A checkpoint is one safetensors file: the model's weights (`model.*`), optionally the AdamW
+moments (`optim.*`) and the RNG states (`rng.*`), and JSON metadata holding the run config, the
+tokenizer, the training state (step, best val loss, ...) and a CRC of every tensor. One file
+written to a temporary name and renamed is atomic: a crash or a full disk never replaces the last
+good checkpoint with a broken one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from slmkit.config import RunConfig
+from slmkit.errors import UserError
+from slmkit.tokenizers import Tokenizer, tokenizer_from_dict
+
+FORMAT = "slmkit-checkpoint-1"
+LAST, BEST = "ckpt_last.safetensors", "ckpt_best.safetensors"
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path}: {exc.strerror or exc} (the previous file is untouched)") from None
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP and torch.compile wrappers: saved names never get `_orig_mod.`."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the tied head (it is the token embedding; safetensors refuses aliases)."""
+    m = unwrap(model)
+    sd = m.state_dict()
+    if getattr(m, "lm_head", None) is not None and m.lm_head.weight is m.transformer.wte.weight:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _crc(tensors: dict[str, torch.Tensor]) -> str:
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(t.view(-1).view(torch.uint8).numpy().data, crc) if t.numel() else crc
+    return f"{crc:08x}"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = state
+    return out
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    config: RunConfig,
+    tokenizer: Tokenizer,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_meta: dict[str, str] | None = None,
+) -> None:
+    tensors = {f"model.{k}": v.cpu() for k, v in model_tensors(model).items()}
+    meta: dict[str, str] = {
+        "format": FORMAT,
+        "config": config.to_json(),
+        "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
+        "state": json.dumps(state),
+    }
+    if optimizer is not None:
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+        meta["optimizer"] = json.dumps(opt_meta)
+        tensors.update(_rng_tensors())
+    tensors.update(extra_tensors or {})
+    meta.update(extra_meta or {})
+    meta["crc32"] = _crc(tensors)
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: RunConfig
+    tokenizer: Tokenizer
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
+
+    def has_optimizer(self) -> bool:
+        return "optimizer" in self.meta
+
+    def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        groups = json.loads(self.meta["optimizer"])["param_groups"]
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in self.tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for g in groups:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def restore_rng(self) -> None:
+        if "rng.torch" in self.tensors:
+            torch.set_rng_state(self.tensors["rng.torch"])
+        cuda_states = [v for k, v in sorted(self.tensors.items()) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint {p} is corrupted or truncated ({str(exc).splitlines()[0]})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{p} is not an slmkit checkpoint")
+    if meta.get("crc32") and _crc(tensors) != meta["crc32"]:
+        raise UserError(f"checkpoint {p} is corrupted (checksum mismatch)")
+    try:
+        config = RunConfig.from_dict(json.loads(meta["config"]))
+        tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
+        state = json.loads(meta.get("state", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise UserError(f"checkpoint {p} has corrupted metadata") from None
+    return Checkpoint(p, config, tokenizer, state, tensors, meta)
+
+
+def find_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
+    """A checkpoint file, or the `best` / `last` one of a run directory (falling back to the other)."""
+    p = Path(run_or_file)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise UserError(f"no such run directory or checkpoint: {p}")
+    order = [BEST, LAST] if which == "best" else [LAST, BEST]
+    for name in order:
+        if (p / name).is_file():
+            return p / name
+    raise UserError(f"{p} holds no checkpoint ({LAST} or {BEST})")
+
+
+def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Instantiate the GPT a checkpoint describes and load its weights (strictly)."""
+    from slmkit.model import GPT
+
+    model = GPT(ckpt.config.model)
+    missing, unexpected = model.load_state_dict(ckpt.model_state(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {ckpt.path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.to(device)
+
+
+def load_model(run_or_file: str | Path, device: str | torch.device = "cpu", which: str = "best"):
+    """(model in eval mode, tokenizer, checkpoint) from a run directory or a checkpoint file."""
+    ckpt = load_checkpoint(find_checkpoint(run_or_file, which))
+    model = build_model(ckpt, device)
+    model.eval()
+    return model, ckpt.tokenizer, ckpt

@@ -1,0 +1,171 @@
+"""Autoregressive sampling: temperature, top-k, top-p, stop strings and the end-of-text token,
+a KV cache, and text streamed as it is produced.
+
+GPT-1 generates "until the [end] token is predicted or the maximum input size is reached"; here
+the maximum is --max-new-tokens, and a sequence longer than the context keeps its last
+block_size tokens (the cache is then rebuilt from that window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from slmkit.errors import UserError
+from slmkit.model import GPT
+from slmkit.runtime import autocast
+from slmkit.tokenizers import Tokenizer
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    stop: tuple[str, ...] = ()
+    stop_at_eot: bool = True
+    seed: int | None = None
+    num_samples: int = 1
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise UserError("--max-new-tokens must not be negative")
+        if self.temperature < 0:
+            raise UserError("--temperature must not be negative (0 = greedy)")
+        if self.top_k < 0:
+            raise UserError("--top-k must not be negative (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError("--top-p must be in (0, 1]")
+        if self.num_samples < 1:
+            raise UserError("--num-samples must be at least 1")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the k most likely tokens, then the smallest set whose probability reaches top_p."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def next_token(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator | None) -> int:
+    logits = logits.float().view(-1)
+    if gen.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = filter_logits(logits / gen.temperature, gen.top_k, gen.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=rng))
+
+
+@torch.no_grad()
+def generate_ids(
+    model: GPT,
+    prompt_ids: list[int],
+    gen: GenerationConfig,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    rng: torch.Generator | None = None,
+    vocab_limit: int | None = None,
+    eot_id: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time. With the cache, the prompt is run once (prefill) and
+    each later token costs one single-position step."""
+    if not prompt_ids:
+        raise UserError("the prompt is empty: give at least one token (or character)")
+    block = model.config.block_size
+    seq = list(prompt_ids)
+    cache = model.new_cache() if gen.use_cache else None
+    pending = seq[-block:]  # tokens not yet in the cache
+    for _ in range(gen.max_new_tokens):
+        if cache is not None and cache.length + len(pending) > block:
+            cache.reset()  # outgrew the context: rebuild from the last block_size tokens
+            pending = seq[-block:]
+        if cache is None:
+            pending = seq[-block:]
+        x = torch.tensor([pending], dtype=torch.long, device=device)
+        with autocast(device, dtype):
+            logits, _ = model(x, cache=cache, last_only=True)
+        logits = logits[0, -1].float()
+        if vocab_limit is not None and vocab_limit < logits.numel():
+            logits[vocab_limit:] = float("-inf")  # padded embedding rows are not tokens
+        tid = next_token(logits, gen, rng)
+        yield tid
+        if gen.stop_at_eot and eot_id is not None and tid == eot_id:
+            return
+        seq.append(tid)
+        pending = [tid]
+
+
+def generate_stream(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | None = None,
+    gen: GenerationConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prompt_ids: list[int] | None = None,
+    sample_index: int = 0,
+) -> Iterator[str]:
+    """Yield the continuation as text pieces, as soon as they are complete characters.
+
+    Stop strings end the sample and are not printed; text that might begin a stop string is
+    held back until it is clear that it does not.
+    """
+    gen = gen or GenerationConfig()
+    gen.validate()
+    device = torch.device(device)
+    ids = prompt_ids if prompt_ids is not None else tokenizer.encode(prompt or "")
+    rng = None
+    if gen.seed is not None:
+        rng = torch.Generator().manual_seed(gen.seed + sample_index)
+    decoder = tokenizer.stream_decoder()
+    eot = tokenizer.special.get("eot")
+    held = ""
+    longest_stop = max((len(s) for s in gen.stop), default=0)
+    for tid in generate_ids(model, ids, gen, device, dtype, rng, tokenizer.vocab_size, eot):
+        if gen.stop_at_eot and tid == eot:
+            break
+        held += decoder.push(tid)
+        if gen.stop:
+            hits = [held.find(s) for s in gen.stop if s in held]
+            if hits:
+                yield held[: min(hits)]
+                return
+            safe = len(held) - (longest_stop - 1)
+            if safe > 0:
+                yield held[:safe]
+                held = held[safe:]
+        elif held:
+            yield held
+            held = ""
+    held += decoder.flush()
+    if held:
+        yield held
+
+
+def generate_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | None = None,
+    gen: GenerationConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prompt_ids: list[int] | None = None,
+) -> list[str]:
+    """`num_samples` completed continuations (without the prompt)."""
+    gen = gen or GenerationConfig()
+    return [
+        "".join(generate_stream(model, tokenizer, prompt, gen, device, dtype, prompt_ids, sample_index=i))
+        for i in range(gen.num_samples)
+    ]

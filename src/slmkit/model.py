@@ -1,0 +1,222 @@
+"""The GPT of Radford et al. (2018), readable side by side with the paper.
+
+h0 = U We + Wp                       token + learned position embeddings
+hl = transformer_block(h(l-1))       masked multi-head self-attention + position-wise MLP (GELU)
+P(u) = softmax(hn We^T)              the output head is tied to the token embedding
+
+GPT-1 normalises after each residual addition (post-LN); GPT-2 moved the layer norms in front of
+each sub-block and added a final one (pre-LN). Both are one flag here. Parameter names follow the
+Hugging Face GPT-2 layout (transformer.wte, transformer.h.N.attn.c_attn, ...) so that weights map
+one to one; our linear layers store [out, in] while HF's Conv1D stores [in, out].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slmkit.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so each new token costs one step.
+
+    Buffers are allocated for the whole context at the first write, in the dtype the attention
+    computes in (bf16 under autocast), and filled left to right.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = k.shape
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, H, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, H, self.max_len, D)
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > context {self.max_len}")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        mask, is_causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(self.layer, k, v)
+            if past > 0:
+                # New queries sit at positions past..past+T-1 and may see every key up to their own.
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        dropout = self.attn_dropout if self.training else 0.0
+        # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_width, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # the GELU of GPT-1/GPT-2
+        self.c_proj = nn.Linear(cfg.mlp_width, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.post_ln = cfg.ln == "post"
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if self.post_ln:  # GPT-1: n = LN(x + attn(x)); h = LN(n + mlp(n))
+            x = self.ln_1(x + self.attn(x, cache))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), cache)  # GPT-2: residual stream with norms in front
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class ParamBreakdown:
+    token_embedding: int
+    position_embedding: int
+    attention: int
+    mlp: int
+    layer_norm: int
+    head: int  # 0: tied to the token embedding
+    total: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building a GPT")
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            )
+        )
+        if cfg.ln == "pre":
+            self.transformer["ln_f"] = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-1
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections into the residual stream keeps its variance flat
+        # with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)  # the paper's N(0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The last layer's hidden state at every position: [batch, time, n_embd]."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
+        if "ln_f" in self.transformer:
+            x = self.transformer.ln_f(x)
+        return x
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and with `targets` the mean next-token cross-entropy (targets of -1 are ignored)."""
+        h = self.hidden_states(idx, cache)
+        if last_only:
+            h = h[:, -1:, :]  # generation needs only the next token's distribution
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer, self.config.block_size)
+
+    def param_breakdown(self) -> ParamBreakdown:
+        def count(pred) -> int:
+            return sum(p.numel() for n, p in self.named_parameters() if pred(n))
+
+        return ParamBreakdown(
+            token_embedding=self.transformer.wte.weight.numel(),
+            position_embedding=self.transformer.wpe.weight.numel(),
+            attention=count(lambda n: ".attn." in n),
+            mlp=count(lambda n: ".mlp." in n),
+            layer_norm=count(lambda n: ".ln_" in n),
+            head=0 if self.lm_head.weight is self.transformer.wte.weight else self.lm_head.weight.numel(),
+            total=sum(p.numel() for p in self.parameters()),  # parameters() counts tied weights once
+        )
+
+    def num_params(self) -> int:
+        return self.param_breakdown().total
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices only: not on biases, layer norms' gains (GPT-1's 'non bias or gain')."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]

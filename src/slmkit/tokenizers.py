@@ -1,0 +1,317 @@
+"""One tokenizer interface for every kind: character level, byte-level BPE trained on the corpus
+(HF `tokenizers`), and the GPT-2 vocabulary (encoded with tiktoken, the fastest exact encoder).
+
+A tokenizer serialises to a JSON dict that travels inside every run and checkpoint, so a model
+never meets the wrong vocabulary; `fingerprint()` identifies it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmkit.errors import UserError
+
+# The fine-tuning tokens of GPT-1 (start `s`, delimiter `$`, extract `e`) plus end of text.
+EOT, START, DELIM, EXTRACT = "<|endoftext|>", "<|start|>", "<|delim|>", "<|extract|>"
+SPECIAL_TOKENS = (EOT, START, DELIM, EXTRACT)
+SPECIAL_ROLES = {EOT: "eot", START: "start", DELIM: "delim", EXTRACT: "extract"}
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters.
+
+    Printable Latin-1 bytes map to themselves; the rest (control bytes, space, ...) are shifted
+    to code points from 256 up, so every byte has a visible one-character stand-in ("Ġ" = space).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+@cache
+def unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. `special` maps roles (eot, start, delim, extract) to ids where present."""
+
+    kind: str
+    special: dict[str, int]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (special tokens: their name)."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        return [self.token_bytes(int(i)).decode("utf-8", errors="backslashreplace") for i in ids]
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"{self.kind} tokenizer, {self.vocab_size} tokens"
+
+    def check_ids(self, ids: Iterable[int]) -> list[int]:
+        out = [int(i) for i in ids]
+        bad = [i for i in out if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside this vocabulary (0..{self.vocab_size - 1})")
+        return out
+
+
+class StreamDecoder:
+    """Turns token ids into text one at a time, holding back incomplete multi-byte characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special = {}
+        # Dense code-point -> id table for vectorised encoding of whole corpora.
+        self._table = np.full(max(map(ord, self.chars), default=0) + 1, -1, dtype=np.int64)
+        for i, c in enumerate(self.chars):
+            self._table[ord(c)] = i
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        if not text:
+            raise UserError("cannot build a character vocabulary from an empty corpus")
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        in_table = codes < len(self._table)
+        ids = np.full(codes.shape, -1, dtype=np.int64)
+        ids[in_table] = self._table[codes[in_table]]
+        if (ids < 0).any():
+            bad = chr(int(codes[np.argmax(ids < 0)]))
+            raise UserError(
+                f"character {bad!r} (U+{ord(bad):04X}) is not in this model's character vocabulary"
+            )
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.chars[token_id].encode("utf-8")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class HFByteLevelTokenizer(Tokenizer):
+    """Byte-level BPE in a HF `tokenizers` object: trained on the corpus (kind "bpe")."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: Any):
+        self.hf = hf
+        self._byte_of = unicode_to_bytes()
+        self.special = {}
+        for tok, role in SPECIAL_ROLES.items():
+            tid = hf.token_to_id(tok)
+            if tid is not None:
+                self.special[role] = tid
+        self._special_ids = {i: name for name, i in ((t, hf.token_to_id(t)) for t in SPECIAL_TOKENS) if i is not None}
+
+    @classmethod
+    def train(cls, texts: Iterator[str], vocab_size: int, show_progress: bool = False) -> HFByteLevelTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._special_ids:
+            return self._special_ids[token_id].encode()
+        tok = self.hf.id_to_token(token_id)
+        if tok is None:
+            raise UserError(f"token id {token_id} is outside this vocabulary")
+        return bytes(self._byte_of[c] for c in tok)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "hf": json.loads(self.hf.to_str())}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HFByteLevelTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(json.dumps(d["hf"])))
+
+
+class GPT2Tokenizer(Tokenizer):
+    """The GPT-2 vocabulary (encoder.json + vocab.bpe), encoded exactly as GPT-2 does via tiktoken."""
+
+    kind = "gpt2"
+
+    def __init__(self, encoder: dict[str, int], merges: list[str]):
+        import tiktoken
+
+        self.encoder = encoder
+        self.merges = merges
+        byte_of = unicode_to_bytes()
+        # In GPT-2's files a token's id is its merge rank, so the encoder is tiktoken's rank table.
+        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if tok != EOT}
+        eot = encoder.get(EOT, len(encoder) - 1)
+        self._enc = tiktoken.Encoding("gpt2-slmkit", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                      special_tokens={EOT: eot})
+        self._bytes = [b""] * len(encoder)
+        for b, i in ranks.items():
+            self._bytes[i] = b
+        self._bytes[eot] = EOT.encode()
+        self.special = {"eot": eot}
+
+    @classmethod
+    def from_files(cls, vocab_dir: str | Path) -> GPT2Tokenizer:
+        d = Path(vocab_dir)
+        enc_path, bpe_path = d / "encoder.json", d / "vocab.bpe"
+        for p in (enc_path, bpe_path):
+            if not p.is_file():
+                raise UserError(f"GPT-2 vocabulary file not found: {p} (pass --vocab-dir with encoder.json and vocab.bpe)")
+        try:
+            encoder = json.loads(enc_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{enc_path} is not valid JSON: {exc}") from None
+        merges = [ln for ln in bpe_path.read_text(encoding="utf-8").splitlines()[1:] if ln.strip()]
+        return cls(encoder, merges)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._bytes)
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=_threads())
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id < len(self._bytes):
+            raise UserError(f"token id {token_id} is outside this vocabulary")
+        return self._bytes[token_id]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "encoder": self.encoder, "merges": self.merges}
+
+
+# Other kinds (the GPT-1 vocabulary) register themselves here from their own modules.
+TOKENIZER_KINDS: dict[str, Any] = {
+    "char": lambda d: CharTokenizer(d["chars"]),
+    "bpe": HFByteLevelTokenizer.from_dict,
+    "gpt2": lambda d: GPT2Tokenizer(d["encoder"], d["merges"]),
+}
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind not in TOKENIZER_KINDS:
+        raise UserError(f"unknown tokenizer kind {kind!r} in saved tokenizer")
+    return TOKENIZER_KINDS[kind](d)
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    from slmkit.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(tok.to_dict(), ensure_ascii=False))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"tokenizer file not found: {p}")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"tokenizer file {p} is corrupted (not valid JSON)") from None
+    return tokenizer_from_dict(d)
+
+
+def named_tokenizer(name: str, vocab_dir: str = "") -> Tokenizer:
+    """Tokenizers that exist without a corpus: `gpt2` (needs --vocab-dir)."""
+    if name == "gpt2":
+        if not vocab_dir:
+            raise UserError("the gpt2 tokenizer needs --vocab-dir DIR holding encoder.json and vocab.bpe")
+        return GPT2Tokenizer.from_files(vocab_dir)
+    raise UserError(f"no named tokenizer {name!r}; use a run directory or gpt2 with --vocab-dir")

@@ -1,0 +1,435 @@
+"""Pre-training: maximise the log-likelihood of the next token (GPT-1, eq. 1) with AdamW.
+
+One step = grad_accum micro-batches on each of world_size processes. The global batch of step k
+is drawn from (seed, k) alone, so a run resumed at step k, or split over more processes, sees the
+same data as an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmkit.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
+from slmkit.config import RunConfig, TrainConfig
+from slmkit.data import (
+    PreparedData,
+    check_split_length,
+    fixed_offsets,
+    gather,
+    open_prepared,
+    prepare,
+    train_batch_offsets,
+)
+from slmkit.errors import UserError
+from slmkit.model import GPT
+from slmkit.runtime import (
+    all_reduce_sum,
+    autocast,
+    barrier,
+    init_distributed,
+    resolve_dtype,
+    shutdown_distributed,
+)
+
+METRICS, PLOT, SAMPLES, CONFIG, TOKENIZER = "metrics.jsonl", "loss.png", "samples.txt", "config.json", "tokenizer.json"
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine decay to the floor (held after lr_decay_iters)."""
+    decay_iters = t.lr_decay_iters or t.max_iters
+    if step < t.warmup_iters:
+        return t.learning_rate * (step + 1) / (t.warmup_iters + 1)
+    if step >= decay_iters:
+        return t.floor_lr
+    progress = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
+    return t.floor_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.learning_rate - t.floor_lr)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_val_loss: float
+    final_val_loss: float | None  # the full validation split, deterministic
+    params: int
+    tokens_per_s: float
+    elapsed: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class MetricsLog:
+    """Append-only JSONL of training records (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records the interrupted run wrote after its last checkpoint."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    p = Path(run_dir) / METRICS
+    if not p.is_file():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise (CI logs, pipes, notebooks' files)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, info: dict[str, Any], line: bool) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: v for k, v in info.items() if v is not None}, refresh=True)
+        elif line:
+            print(" ".join(f"{k} {v}" for k, v in {"step": step, **info}.items() if v is not None), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: PreparedData, resume_from: Path | None = None):
+        self.cfg, self.run_dir, self.data = cfg, run_dir, data
+        t = cfg.train
+        self.ddp, self.device = init_distributed(t.device)
+        self.dtype = resolve_dtype(t.dtype, self.device)
+        self.tokenizer = data.tokenizer
+        cfg.model.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
+        if cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise UserError(
+                f"model vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size}"
+            )
+        self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
+        check_split_length(len(self.train_tokens), cfg.model.block_size, "train")
+        check_split_length(len(self.val_tokens), cfg.model.block_size, "validation")
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.model = GPT(cfg.model).to(self.device)
+        self.params = self.model.num_params()
+        self.optimizer = torch.optim.AdamW(
+            self.model.optimizer_groups(t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
+            fused=self.device.type == "cuda",
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
+        self.step, self.best_val = 0, float("inf")
+        self.elapsed_before = 0.0
+        if resume_from is not None:
+            self._restore(resume_from)
+        else:
+            torch.manual_seed(t.seed + self.ddp.rank)  # dropout masks differ between ranks
+        self.train_model: torch.nn.Module = self.model
+        if t.compile == "on" or (t.compile == "auto" and self.device.type == "cuda"):
+            self.train_model = torch.compile(self.model)
+        if self.ddp.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+        self.metrics = MetricsLog(run_dir / METRICS, self.ddp.is_main)
+        self._val_offsets = fixed_offsets(len(self.val_tokens), cfg.model.block_size, t.eval_iters * t.batch_size)
+        self._train_eval_offsets = fixed_offsets(
+            len(self.train_tokens), cfg.model.block_size, t.eval_iters * t.batch_size
+        )
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt.tokenizer.fingerprint() != self.tokenizer.fingerprint():
+            raise UserError(f"checkpoint {path} was trained with a different tokenizer than this dataset's")
+        self.model.load_state_dict(ckpt.model_state(), strict=False)
+        if not ckpt.has_optimizer():
+            raise UserError(f"checkpoint {path} holds no optimizer state; resume needs {LAST}")
+        ckpt.restore_optimizer(self.optimizer)
+        self.step = int(ckpt.state["step"])
+        self.best_val = float(ckpt.state.get("best_val_loss", float("inf")))
+        self.elapsed_before = float(ckpt.state.get("elapsed", 0.0))
+        if "rng.torch" in ckpt.tensors and self.ddp.world_size == int(ckpt.state.get("world_size", 1)):
+            ckpt.restore_rng()
+        else:
+            torch.manual_seed(self.cfg.train.seed + self.ddp.rank + self.step)
+
+    def _state(self, elapsed: float) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "best_val_loss": self.best_val,
+            "elapsed": elapsed,
+            "world_size": self.ddp.world_size,
+            "params": self.params,
+            "data": self.data.meta.get("source"),
+        }
+
+    def save(self, name: str, elapsed: float, with_optimizer: bool) -> None:
+        if self.ddp.is_main:
+            save_checkpoint(
+                self.run_dir / name, self.model, self.cfg, self.tokenizer, self._state(elapsed),
+                optimizer=self.optimizer if with_optimizer else None,
+            )
+
+    # -- math --------------------------------------------------------------------------------
+
+    def _batch(self, tokens: np.ndarray, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = gather(tokens, offsets, self.cfg.model.block_size)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def _step_offsets(self, step: int) -> np.ndarray:
+        """This rank's [grad_accum, batch_size] share of the global batch of `step`."""
+        t = self.cfg.train
+        total = t.grad_accum * self.ddp.world_size * t.batch_size
+        offsets = train_batch_offsets(t.seed, step, len(self.train_tokens), self.cfg.model.block_size, total)
+        return offsets.reshape(t.grad_accum, self.ddp.world_size, t.batch_size)[:, self.ddp.rank]
+
+    def train_step(self, step: int) -> float:
+        t = self.cfg.train
+        lr = lr_at(step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss = torch.zeros((), device=self.device)
+        for micro, offsets in enumerate(self._step_offsets(step)):
+            x, y = self._batch(self.train_tokens, offsets)
+            last = micro == t.grad_accum - 1
+            # Under DDP, gradients are all-reduced on the last micro-batch only.
+            sync = self.train_model.no_sync() if (self.ddp.enabled and not last) else _null()
+            with sync:
+                with autocast(self.device, self.dtype):
+                    _, loss = self.train_model(x, y)
+                self.scaler.scale(loss / t.grad_accum).backward()
+            total_loss += loss.detach() / t.grad_accum
+        if t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss
+
+    @torch.no_grad()
+    def fixed_loss(self, tokens: np.ndarray, offsets: np.ndarray) -> float:
+        """Mean loss over a fixed set of windows, shared out across ranks."""
+        self.model.eval()
+        mine = offsets[self.ddp.rank :: self.ddp.world_size]
+        acc = torch.zeros(2, device=self.device, dtype=torch.float64)
+        bs = self.cfg.train.batch_size
+        for i in range(0, len(mine), bs):
+            x, y = self._batch(tokens, mine[i : i + bs])
+            with autocast(self.device, self.dtype):
+                _, loss = self.model(x, y)
+            acc += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
+        all_reduce_sum(acc, self.ddp)
+        self.model.train()
+        return float(acc[0] / acc[1])
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def fit(self, stop_after_step: int | None = None, progress: bool = True) -> TrainResult:
+        t = self.cfg.train
+        self.model.train()
+        tokens_per_step = t.batch_size * t.grad_accum * self.ddp.world_size * self.cfg.model.block_size
+        bar = Progress(t.max_iters, self.step, progress and self.ddp.is_main)
+        start = time.perf_counter()
+        window_start, window_steps, tok_s = time.perf_counter(), 0, 0.0
+        history: list[dict[str, Any]] = []
+        val_loss = None
+        try:
+            while self.step < t.max_iters:
+                loss_t = self.train_step(self.step)
+                self.step += 1
+                window_steps += 1
+                done = self.step == t.max_iters
+                elapsed = self.elapsed_before + time.perf_counter() - start
+                log_now = self.step % t.log_interval == 0 or done
+                eval_now = self.step % t.eval_interval == 0 or done
+                record: dict[str, Any] = {"step": self.step}
+                if log_now or eval_now:
+                    loss = float(all_reduce_sum(loss_t.clone(), self.ddp)) / self.ddp.world_size
+                    now = time.perf_counter()
+                    tok_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                    window_start, window_steps = now, 0
+                    record.update(loss=loss, lr=lr_at(self.step - 1, t), tokens_per_s=round(tok_s, 1),
+                                  elapsed=round(elapsed, 3))
+                if eval_now:
+                    val_loss = self.fixed_loss(self.val_tokens, self._val_offsets)
+                    record["val_loss"] = val_loss
+                    record["train_eval_loss"] = self.fixed_loss(self.train_tokens, self._train_eval_offsets)
+                    if val_loss < self.best_val:
+                        self.best_val = val_loss
+                        self.save(BEST, elapsed, with_optimizer=False)
+                    self.save(LAST, elapsed, with_optimizer=True)
+                    window_start = time.perf_counter()  # evaluation time does not count as training speed
+                elif t.checkpoint_interval and self.step % t.checkpoint_interval == 0:
+                    self.save(LAST, elapsed, with_optimizer=True)
+                if len(record) > 1:
+                    self.metrics.write(record)
+                    history.append(record)
+                    if eval_now and self.ddp.is_main:
+                        plot_losses(self.run_dir)
+                if log_now or eval_now:
+                    bar.update(self.step, {"loss": f"{record['loss']:.4f}",
+                                           "val": f"{val_loss:.4f}" if val_loss is not None else None,
+                                           "tok/s": f"{tok_s:,.0f}"}, line=True)
+                if stop_after_step is not None and self.step >= stop_after_step:
+                    break
+        except KeyboardInterrupt:
+            # Keep what was learned: the last checkpoint after an interrupt resumes like any other.
+            self.save(LAST, self.elapsed_before + time.perf_counter() - start, with_optimizer=True)
+            bar.close()
+            raise UserError(f"interrupted at step {self.step}; continue with: slm train --resume {self.run_dir}") from None
+        bar.close()
+        barrier(self.ddp)
+        elapsed = self.elapsed_before + time.perf_counter() - start
+        # Throughput over the whole session, evaluations excluded.
+        speeds = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
+        return TrainResult(
+            run_dir=self.run_dir, step=self.step, best_val_loss=self.best_val, final_val_loss=None,
+            params=self.params, tokens_per_s=float(np.median(speeds)) if speeds else 0.0,
+            elapsed=elapsed, history=history,
+        )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def plot_losses(run_dir: Path) -> None:
+    """loss.png: training loss and the fixed-subset validation loss against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.6)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss (fixed subset)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(run_dir) / f".{PLOT}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(Path(run_dir) / PLOT)
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, data: PreparedData) -> None:
+    from slmkit.checkpoint import atomic_write_text
+    from slmkit.tokenizers import save_tokenizer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG, cfg.to_json())
+    save_tokenizer(data.tokenizer, run_dir / TOKENIZER)
+    atomic_write_text(run_dir / "data.json", json.dumps({"prepared_dir": str(data.dir), **data.meta}, indent=2))
+
+
+def prepare_run(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, prepared_dir: str | None = None):
+    """Check the run directory and get the data; returns (data, checkpoint to resume from or None)."""
+    if resume:
+        last = run_dir / LAST
+        if not last.is_file():
+            raise UserError(f"--resume: {run_dir} holds no {LAST} to continue from")
+    elif (run_dir / LAST).exists() or (run_dir / BEST).exists():
+        if not overwrite:
+            raise UserError(
+                f"{run_dir} already holds a trained run; use --resume to continue it, --overwrite to start over, "
+                "or another --out-dir"
+            )
+        for name in (LAST, BEST, METRICS, PLOT, SAMPLES):
+            (run_dir / name).unlink(missing_ok=True)
+    data = open_prepared(prepared_dir) if prepared_dir else prepare(cfg.data)
+    return data, (run_dir / LAST if resume else None)
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after_step: int | None = None,
+    prepared_dir: str | None = None,
+    final_eval: bool = True,
+) -> TrainResult:
+    """Pre-train (or continue) a model; the library entry point behind `slm train`."""
+    from slmkit.evaluation import score_tokens
+
+    run_dir = Path(run_dir)
+    cfg.validate()
+    data, resume_from = prepare_run(cfg, run_dir, resume, overwrite, prepared_dir)
+    trainer = Trainer(cfg, run_dir, data, resume_from)
+    try:
+        if trainer.ddp.is_main:
+            write_run_files(run_dir, cfg, data)
+            if resume_from is not None:
+                trainer.metrics.truncate_after(trainer.step)
+        barrier(trainer.ddp)
+        result = trainer.fit(stop_after_step=stop_after_step, progress=progress)
+        if trainer.ddp.is_main and trainer.step >= cfg.train.max_iters:
+            if final_eval:
+                val = trainer.val_tokens
+                chars = int(data.meta["chars"]["val"] * (len(val) - 1) / max(len(val), 1))
+                score = score_tokens(trainer.model, val, chars, cfg.train.batch_size, trainer.device, trainer.dtype)
+                result.final_val_loss = score.loss
+                trainer.metrics.write({"step": trainer.step, "final_val_loss": score.loss,
+                                       "final_val_bpc": score.bits_per_char})
+            if cfg.train.sample_tokens > 0:
+                write_samples(trainer.model, trainer.tokenizer, run_dir / SAMPLES, cfg.train.sample_tokens,
+                              trainer.device, trainer.dtype, cfg.train.seed)
+        return result
+    finally:
+        shutdown_distributed(trainer.ddp)
+
+
+def write_samples(model, tokenizer, path: Path, max_new_tokens: int, device, dtype, seed: int, n: int = 3) -> None:
+    from slmkit.checkpoint import atomic_write_text
+    from slmkit.generate import GenerationConfig, generate_text
+
+    model = unwrap(model)
+    model.eval()
+    prompt_ids = [tokenizer.special["eot"]] if "eot" in tokenizer.special else tokenizer.encode("\n")[:1] or [0]
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=200, seed=seed, num_samples=n)
+    texts = generate_text(model, tokenizer, prompt_ids=prompt_ids, gen=gen, device=device, dtype=dtype)
+    atomic_write_text(path, "".join(f"--- sample {i + 1} ---\n{t}\n" for i, t in enumerate(texts)))
+

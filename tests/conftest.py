@@ -1,0 +1,54 @@
+"""Shared fixtures: the ../shared data beside the checkout, tiny corpora and tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SLMKIT_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data"
+
+
+def shared_file(*parts: str) -> Path:
+    """A file under ../shared/data, or skip the test with the reason."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"needs {p} (the shared data folder beside the checkout is absent)")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Prepared datasets go to a per-session cache, never the user's ~/.cache."""
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path_factory.getbasetemp() / "slmkit-cache"))
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    """About 20 KB of repetitive but learnable text."""
+    lines = []
+    for i in range(400):
+        animal, place = ["cat", "dog", "bird", "fox"][i % 4], ["mat", "log", "hat"][i % 3]
+        lines.append(f"the {animal} sat on the {place} number {i % 7}.")
+    p = tmp_path / "tiny.txt"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def tiny_config(corpus: Path, **train_overrides):
+    from slmkit.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size = 2, 2, 32, 32
+    cfg.model.dropout = 0.0
+    cfg.data.dataset = str(corpus)
+    t = cfg.train
+    t.batch_size, t.max_iters, t.eval_interval, t.eval_iters = 8, 20, 10, 2
+    t.warmup_iters, t.learning_rate, t.sample_tokens, t.log_interval = 2, 3e-3, 20, 1
+    t.device, t.dtype = "cpu", "float32"
+    for k, v in train_overrides.items():
+        setattr(t, k, v)
+    return cfg
