@@ -79,7 +79,9 @@ class LanguageModel:
         return score_tokens(self.model, tokens, chars, batch_size, self.device, self.dtype)
 
 
-def load(run_or_checkpoint: str | Path, device: str = "auto", dtype: str = "auto", which: str = "best") -> LanguageModel:
+def load(
+    run_or_checkpoint: str | Path, device: str = "auto", dtype: str = "auto", which: str = "best"
+) -> LanguageModel:
     model, tokenizer, ckpt = load_model(run_or_checkpoint, "cpu", which)
     return LanguageModel(model, tokenizer, ckpt, device, dtype)
 

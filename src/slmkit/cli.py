@@ -371,7 +371,8 @@ def extra_commands() -> list:
             if exc.name and exc.name.startswith("slmkit"):
                 continue
             raise
-        registers.append(mod.register)
+        if hasattr(mod, "register"):
+            registers.append(mod.register)
     return registers
 
 

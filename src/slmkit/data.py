@@ -169,7 +169,7 @@ def build_tokenizer(data: DataConfig, train_text: str, full_text: str, progress:
     if data.tokenizer == "bpe":
         chunks = chunk_text(train_text, 1 << 16)
         return HFByteLevelTokenizer.train(iter(chunks), data.vocab_size, show_progress=progress)
-    raise UserError(f"unknown tokenizer {data.tokenizer!r}; use char, bpe or gpt2")
+    return named_tokenizer(data.tokenizer, data.vocab_dir)  # registered kinds (gpt1); unknown names raise
 
 
 @dataclass
@@ -189,7 +189,7 @@ def cache_key(data: DataConfig, corpus_sha: str) -> str:
     settings = {"sha": corpus_sha, "tok": data.tokenizer, "val": data.val_fraction}
     if data.tokenizer == "bpe":
         settings["vocab"] = data.vocab_size
-    if data.tokenizer == "gpt2":
+    if data.tokenizer not in ("char", "bpe"):
         settings["vocab_dir"] = str(Path(data.vocab_dir).expanduser().resolve())
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -249,7 +249,7 @@ class GPT2Tokenizer(Tokenizer):
         enc_path, bpe_path = d / "encoder.json", d / "vocab.bpe"
         for p in (enc_path, bpe_path):
             if not p.is_file():
-                raise UserError(f"GPT-2 vocabulary file not found: {p} (pass --vocab-dir with encoder.json and vocab.bpe)")
+                raise UserError(f"GPT-2 vocabulary file not found: {p} (--vocab-dir needs encoder.json and vocab.bpe)")
         try:
             encoder = json.loads(enc_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -284,8 +284,22 @@ TOKENIZER_KINDS: dict[str, Any] = {
 }
 
 
+# Named tokenizers that live in other modules: name -> loader(vocab_dir) (filled in by those modules).
+NAMED_TOKENIZERS: dict[str, Any] = {}
+# Where a kind that registers itself is defined, imported on first use.
+_KIND_MODULES = {"gpt1": "slmkit.interop.gpt1_tokenizer"}
+
+
+def _import_kind(kind: Any) -> None:
+    if kind in _KIND_MODULES and kind not in TOKENIZER_KINDS:
+        import importlib
+
+        importlib.import_module(_KIND_MODULES[kind])
+
+
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     kind = d.get("kind") if isinstance(d, dict) else None
+    _import_kind(kind)
     if kind not in TOKENIZER_KINDS:
         raise UserError(f"unknown tokenizer kind {kind!r} in saved tokenizer")
     return TOKENIZER_KINDS[kind](d)
@@ -309,7 +323,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def named_tokenizer(name: str, vocab_dir: str = "") -> Tokenizer:
-    """Tokenizers that exist without a corpus: `gpt2` (needs --vocab-dir)."""
+    """Tokenizers that exist without a corpus: `gpt2` (needs --vocab-dir), and registered ones (`gpt1`)."""
+    _import_kind(name)
+    if name in NAMED_TOKENIZERS:
+        if not vocab_dir:
+            raise UserError(f"the {name} tokenizer needs a vocabulary folder (vocab_dir)")
+        return NAMED_TOKENIZERS[name](vocab_dir)
     if name == "gpt2":
         if not vocab_dir:
             raise UserError("the gpt2 tokenizer needs --vocab-dir DIR holding encoder.json and vocab.bpe")

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
         self.metrics = MetricsLog(run_dir / METRICS, self.ddp.is_main)
-        self._val_offsets = fixed_offsets(len(self.val_tokens), cfg.model.block_size, t.eval_iters * t.batch_size)
-        self._train_eval_offsets = fixed_offsets(
-            len(self.train_tokens), cfg.model.block_size, t.eval_iters * t.batch_size
-        )
+        # The fixed evaluation subsets are sized by the global batch, so they do not change when the
+        # same global batch is split over more processes.
+        n_eval = t.eval_iters * t.batch_size * self.ddp.world_size
+        self._val_offsets = fixed_offsets(len(self.val_tokens), cfg.model.block_size, n_eval)
+        self._train_eval_offsets = fixed_offsets(len(self.train_tokens), cfg.model.block_size, n_eval)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -254,7 +256,10 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def fit(self, stop_after_step: int | None = None, progress: bool = True) -> TrainResult:
+    def fit(self, stop_after_step: int | None = None, progress: bool = True,
+            on_eval: Callable[[int, float], bool | None] | None = None) -> TrainResult:
+        """Train to max_iters. `on_eval(step, val_loss)` runs after each evaluation (metrics and
+        checkpoints written): a truthy return stops training there; an exception propagates."""
         t = self.cfg.train
         self.model.train()
         tokens_per_step = t.batch_size * t.grad_accum * self.ddp.world_size * self.cfg.model.block_size
@@ -302,11 +307,13 @@ class Trainer:
                                            "tok/s": f"{tok_s:,.0f}"}, line=True)
                 if stop_after_step is not None and self.step >= stop_after_step:
                     break
+                if eval_now and on_eval is not None and on_eval(self.step, val_loss):
+                    break
         except KeyboardInterrupt:
             # Keep what was learned: the last checkpoint after an interrupt resumes like any other.
             self.save(LAST, self.elapsed_before + time.perf_counter() - start, with_optimizer=True)
             bar.close()
-            raise UserError(f"interrupted at step {self.step}; continue with: slm train --resume {self.run_dir}") from None
+            raise UserError(f"interrupted at step {self.step}; continue: slm train --resume {self.run_dir}") from None
         bar.close()
         barrier(self.ddp)
         elapsed = self.elapsed_before + time.perf_counter() - start
@@ -391,6 +398,7 @@ def train(
     stop_after_step: int | None = None,
     prepared_dir: str | None = None,
     final_eval: bool = True,
+    on_eval: Callable[[int, float], bool | None] | None = None,
 ) -> TrainResult:
     """Pre-train (or continue) a model; the library entry point behind `slm train`."""
     from slmkit.evaluation import score_tokens
@@ -405,7 +413,7 @@ def train(
             if resume_from is not None:
                 trainer.metrics.truncate_after(trainer.step)
         barrier(trainer.ddp)
-        result = trainer.fit(stop_after_step=stop_after_step, progress=progress)
+        result = trainer.fit(stop_after_step=stop_after_step, progress=progress, on_eval=on_eval)
         if trainer.ddp.is_main and trainer.step >= cfg.train.max_iters:
             if final_eval:
                 val = trainer.val_tokens

@@ -1,0 +1,57 @@
+"""Training throughput of a preset on random tokens: tokens/s, ms/iter and peak RSS (JSON).
+
+    python bench/bench_train_speed.py --preset shakespeare-char --iters 20
+"""
+
+import argparse
+import time
+
+import torch
+from _common import emit, peak_rss_mb
+
+from slmkit.config import preset_config
+from slmkit.model import GPT
+from slmkit.runtime import autocast, resolve_device, resolve_dtype
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="shakespeare-char")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=0, help="0 = the preset's")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--vocab-size", type=int, default=65)
+    args = ap.parse_args()
+    cfg = preset_config(args.preset)
+    cfg.model.vocab_size = cfg.model.vocab_size or args.vocab_size
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    model = GPT(cfg.model).to(device).train()
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3)
+    B, T = args.batch_size or cfg.train.batch_size, cfg.model.block_size
+    x = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
+    y = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
+    for i in range(args.warmup + args.iters):
+        if i == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - start) / args.iters
+    emit({"bench": "train_speed", "preset": args.preset, "params_m": round(model.num_params() / 1e6, 3),
+          "batch_size": B, "block_size": T, "dropout": cfg.model.dropout, "device": str(device),
+          "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+          "ms_per_iter": round(dt * 1000, 1), "tokens_per_s": round(B * T / dt), "peak_rss_mb": peak_rss_mb()})
+
+
+if __name__ == "__main__":
+    main()

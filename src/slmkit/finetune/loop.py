@@ -1,0 +1,434 @@
+"""Fine-tuning (GPT-1 section 3.2), evaluation and prediction.
+
+Objective L3 = L2 + lambda * L1: L2 the task loss, L1 the language-modelling loss on the same
+transformed inputs (lambda = 0.5; 0 switches it off). The paper's recipe is the default: AdamW at
+6.25e-5, batch 32, 3 epochs, linear warmup over 0.2% of the steps then linear decay to 0,
+classifier dropout 0.1, weight decay 0.01 on matrices, gradient clipping at 1.
+
+A fine-tuned run directory holds ckpt_best.safetensors (the best epoch on dev: GPT weights, the
+head, the task spec and label mapping), metrics.jsonl, finetune.png, log.txt and finetune.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmkit.checkpoint import BEST, Checkpoint, atomic_write_text, find_checkpoint, load_checkpoint, save_checkpoint
+from slmkit.errors import UserError
+from slmkit.finetune import metrics as M
+from slmkit.finetune.heads import FineTuneModel, add_special_tokens
+from slmkit.finetune.tasks import Example, TaskSpec, read_examples
+from slmkit.finetune.transforms import Encoded, collate, encode_examples
+from slmkit.model import GPT
+from slmkit.runtime import autocast, resolve_device, resolve_dtype
+from slmkit.tokenizers import Tokenizer
+
+METRICS_FILE, PLOT, LOG, SUMMARY = "metrics.jsonl", "finetune.png", "log.txt", "finetune.json"
+META_KEY = "finetune"
+
+
+@dataclass
+class FinetuneConfig:
+    learning_rate: float = 6.25e-5
+    batch_size: int = 32
+    epochs: int = 3
+    warmup_frac: float = 0.002  # of all steps
+    lm_coef: float = 0.5  # lambda; 0 = no auxiliary LM objective
+    clf_dropout: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_len: int = 0  # 0 = the model's context (block_size)
+    max_train: int = 0  # 0 = every training example; else a seeded random subset of this size
+    dropout: float = -1.0  # the transformer's dropout; negative = keep the pre-trained config's
+    random_init: bool = False  # same architecture, random weights (the "no pre-training" baseline)
+    seed: int = 0
+    eval_batch_size: int = 64
+    log_interval: int = 10
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        if self.learning_rate <= 0 or self.batch_size <= 0 or self.epochs <= 0:
+            raise UserError("learning rate, batch size and epochs must be positive")
+        if not 0 <= self.warmup_frac < 1:
+            raise UserError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
+        if self.lm_coef < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("--lm-coef, --weight-decay and --grad-clip must not be negative")
+        if not 0 <= self.clf_dropout < 1 or self.dropout >= 1:
+            raise UserError("dropout rates must be below 1")
+        if self.max_len < 0 or self.max_train < 0 or self.eval_batch_size <= 0 or self.log_interval <= 0:
+            raise UserError("--max-len and --max-train must not be negative; batch sizes and intervals positive")
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+class Logger:
+    def __init__(self, path: Path | None, echo: bool):
+        self.path, self.echo = path, echo
+
+    def __call__(self, msg: str) -> None:
+        if self.echo:
+            print(msg, file=sys.stderr, flush=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _load_source(source: str | Path) -> Checkpoint:
+    return load_checkpoint(find_checkpoint(source, "best"))
+
+
+def build_for_finetuning(ckpt: Checkpoint, spec: TaskSpec, cfg: FinetuneConfig) -> tuple[FineTuneModel, Tokenizer]:
+    """The GPT from a checkpoint (or, with random_init, its architecture afresh), grown by the
+    special tokens where its vocabulary lacks them, with a new head for `spec`."""
+    from slmkit.checkpoint import build_model
+
+    mcfg = ckpt.config.model
+    if cfg.dropout >= 0:
+        mcfg.dropout = cfg.dropout
+    torch.manual_seed(cfg.seed)
+    gpt = GPT(mcfg) if cfg.random_init else build_model(ckpt)
+    tokenizer = add_special_tokens(gpt, ckpt.tokenizer, seed=cfg.seed)
+    model = FineTuneModel(gpt, spec, cfg.clf_dropout)
+    return model, tokenizer
+
+
+@dataclass
+class FineTuned:
+    """A fine-tuned model loaded for evaluation and prediction."""
+
+    model: FineTuneModel
+    tokenizer: Tokenizer
+    spec: TaskSpec
+    info: dict[str, Any]
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, run: str | Path, device: str = "auto", dtype: str = "auto") -> FineTuned:
+        from slmkit.checkpoint import build_model
+
+        ckpt = _load_source(run)
+        if META_KEY not in ckpt.meta:
+            raise UserError(f"{ckpt.path} is not a fine-tuned checkpoint (no head); make one with slm finetune")
+        info = json.loads(ckpt.meta[META_KEY])
+        spec = TaskSpec.from_dict(info["spec"])
+        gpt = build_model(ckpt)
+        model = FineTuneModel(gpt, spec, info.get("clf_dropout", 0.1))
+        head = {k[len("head."):]: v for k, v in ckpt.tensors.items() if k.startswith("head.")}
+        model.head.load_state_dict(head)
+        dev = resolve_device(device)
+        model.to(dev).eval()
+        return cls(model, ckpt.tokenizer, spec, info, ckpt, dev, resolve_dtype(dtype, dev))
+
+    @property
+    def max_len(self) -> int:
+        return int(self.info.get("max_len") or self.model.gpt.config.block_size)
+
+    def encode(self, examples: list[Example]) -> tuple[list[Encoded], int]:
+        return encode_examples(self.spec, self.tokenizer, examples, self.max_len)
+
+    def outputs(self, examples: list[Example], batch_size: int = 64) -> np.ndarray:
+        encoded, _ = self.encode(examples)
+        return run_outputs(self.model, self.spec, encoded, batch_size, self.device, self.dtype)
+
+    def predict(self, examples: list[Example], batch_size: int = 64) -> list[dict[str, Any]]:
+        return format_predictions(self.spec, examples, self.outputs(examples, batch_size))
+
+    def evaluate(self, path: str | Path, batch_size: int = 64) -> dict[str, Any]:
+        read = read_examples(self.spec, path)
+        outs = self.outputs(read.examples, batch_size)
+        result = score(self.spec, outs, read.examples)
+        result.update(examples=len(read.examples), malformed=len(read.bad))
+        return result
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def run_outputs(model: FineTuneModel, spec: TaskSpec, encoded: list[Encoded], batch_size: int,
+                device: torch.device, dtype: torch.dtype) -> np.ndarray:
+    """Head outputs for every example, in order: probabilities [N, labels|answers] or scores [N]."""
+    model.eval()
+    # Batches of similar length waste little on padding; results go back to the input order.
+    order = sorted(range(len(encoded)), key=lambda i: max(len(s) for s in encoded[i].seqs))
+    if spec.is_regression:
+        width = 1
+    elif spec.family == "multiple_choice":
+        width = max((len(e.seqs) for e in encoded), default=1)
+    else:
+        width = spec.num_outputs
+    out = np.zeros((len(encoded), width), dtype=np.float32)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        batch = collate([encoded[j] for j in idx], regression=spec.is_regression).to(device)
+        with autocast(device, dtype):
+            logits = model(batch).logits
+        if spec.is_regression:
+            lo, hi = spec.regression
+            vals = (lo + logits.float() * (hi - lo)).unsqueeze(-1)
+        else:
+            vals = torch.softmax(logits.float(), dim=-1)
+        vals = vals.cpu().numpy()
+        out[idx, : vals.shape[1]] = vals
+    return out[:, 0] if spec.is_regression else out
+
+
+def score(spec: TaskSpec, outputs: np.ndarray, examples: list[Example]) -> dict[str, float]:
+    gold = np.array([ex.label for ex in examples])
+    pred = outputs if spec.is_regression else outputs.argmax(axis=1)
+    return M.compute(spec.metrics, pred, gold)
+
+
+def format_predictions(spec: TaskSpec, examples: list[Example], outputs: np.ndarray) -> list[dict[str, Any]]:
+    rows = []
+    for ex, out in zip(examples, outputs, strict=True):
+        row: dict[str, Any] = {"line": ex.line}
+        if spec.is_regression:
+            row["score"] = round(float(out), 4)
+        elif spec.family == "multiple_choice":
+            k = int(np.argmax(out[: len(ex.choices)]))
+            row.update(choice=k + 1, label=spec.choice_labels()[k], answer=ex.choices[k],
+                       probs=[round(float(p), 4) for p in out[: len(ex.choices)]])
+        else:
+            k = int(np.argmax(out))
+            row.update(label=spec.labels[k], name=spec.display_label(k), prob=round(float(out[k]), 4),
+                       probs={spec.labels[j]: round(float(p), 4) for j, p in enumerate(out)})
+        if ex.label is not None:
+            row["gold"] = (float(ex.label) if spec.is_regression else
+                           (spec.choice_labels() if spec.family == "multiple_choice" else spec.labels)[ex.label])
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    best_epoch: int
+    best_dev: dict[str, float]
+    test: dict[str, float] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_examples: int = 0
+    examples_per_s: float = 0.0
+    eval_examples_per_s: float = 0.0
+    elapsed: float = 0.0
+
+
+def _load_split(spec: TaskSpec, path: str | Path, tokenizer: Tokenizer, max_len: int, log: Logger,
+                what: str) -> tuple[list[Example], list[Encoded]]:
+    read = read_examples(spec, path)
+    if read.report():
+        log(f"{what}: {read.report()}")
+    encoded, truncated = encode_examples(spec, tokenizer, read.examples, max_len)
+    log(f"{what}: {len(read.examples)} examples from {read.source}; {truncated} truncated to {max_len} tokens")
+    return read.examples, encoded
+
+
+def finetune(
+    source: str | Path,
+    spec: TaskSpec,
+    train_path: str | Path,
+    dev_path: str | Path,
+    out_dir: str | Path,
+    cfg: FinetuneConfig | None = None,
+    test_path: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune the model in `source` (a run directory or checkpoint) on a task; the API of `slm finetune`."""
+    from slmkit.train import Progress
+
+    cfg = cfg or FinetuneConfig()
+    cfg.validate()
+    spec.validate()
+    run_dir = Path(out_dir)
+    if (run_dir / BEST).exists() and not overwrite:
+        raise UserError(f"{run_dir} already holds a fine-tuned run; use --overwrite or another --out-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (BEST, METRICS_FILE, PLOT, LOG, SUMMARY):
+        (run_dir / name).unlink(missing_ok=True)
+    log = Logger(run_dir / LOG, progress)
+
+    ckpt = _load_source(source)
+    model, tokenizer = build_for_finetuning(ckpt, spec, cfg)
+    max_len = min(cfg.max_len or model.gpt.config.block_size, model.gpt.config.block_size)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model.to(device)
+
+    train_ex, train_enc = _load_split(spec, train_path, tokenizer, max_len, log, "train")
+    if cfg.max_train and len(train_enc) > cfg.max_train:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_enc))[: cfg.max_train])
+        train_enc = [train_enc[i] for i in keep]
+        log(f"train: using a random subset of {len(train_enc)} examples (--max-train, seed {cfg.seed})")
+    dev_ex, dev_enc = _load_split(spec, dev_path, tokenizer, max_len, log, "dev")
+    test = _load_split(spec, test_path, tokenizer, max_len, log, "test") if test_path else None
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters ({'random init' if cfg.random_init else ckpt.path}), "
+        f"{tokenizer.describe()}; task {spec.name} ({spec.family}), lambda {cfg.lm_coef}")
+
+    steps_per_epoch = math.ceil(len(train_enc) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, math.ceil(cfg.warmup_frac * total)) if cfg.warmup_frac > 0 else 0
+    optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    info = {
+        "spec": spec.to_dict(), "label_mapping": _label_mapping(spec), "lm_coef": cfg.lm_coef,
+        "clf_dropout": cfg.clf_dropout, "max_len": max_len, "source": str(ckpt.path),
+        "config": asdict(cfg),
+    }
+    save_cfg = ckpt.config
+    save_cfg.model.vocab_size = model.gpt.config.vocab_size
+
+    bar = Progress(total, 0, progress)
+    history: list[dict[str, Any]] = []
+    best_value, best_epoch, best_dev = -math.inf, 0, {}
+    step, train_time, train_seen, eval_time, eval_seen = 0, 0.0, 0, 0.0, 0
+    start = time.perf_counter()
+    window = {"loss": 0.0, "task": 0.0, "lm": 0.0, "n": 0}
+
+    def write(record: dict[str, Any]) -> None:
+        history.append(record)
+        with open(run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            perm = rng.permutation(len(train_enc))
+            for b in range(steps_per_epoch):
+                t0 = time.perf_counter()
+                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                batch = collate([train_enc[i] for i in idx], regression=spec.is_regression).to(device)
+                lr = lr_at(step, total, warmup, cfg.learning_rate)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                with autocast(device, dtype):
+                    loss, task_loss, lm_loss = model.loss(batch, cfg.lm_coef)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window["loss"] += loss.item()
+                window["task"] += task_loss.item()
+                window["lm"] += lm_loss.item() if lm_loss is not None else 0.0
+                window["n"] += 1
+                train_time += time.perf_counter() - t0
+                train_seen += len(idx)
+                if step % cfg.log_interval == 0 or b == steps_per_epoch - 1:
+                    n = window["n"]
+                    rec = {"step": step, "epoch": epoch, "loss": window["loss"] / n,
+                           "task_loss": window["task"] / n, "lr": lr,
+                           "examples_per_s": round(train_seen / max(train_time, 1e-9), 1)}
+                    if cfg.lm_coef > 0:
+                        rec["lm_loss"] = window["lm"] / n
+                    write(rec)
+                    window = {"loss": 0.0, "task": 0.0, "lm": 0.0, "n": 0}
+                    bar.update(step, {"epoch": epoch, "loss": f"{rec['loss']:.4f}",
+                                      "ex/s": f"{rec['examples_per_s']:.0f}"}, line=True)
+            t0 = time.perf_counter()
+            dev_out = run_outputs(model, spec, dev_enc, cfg.eval_batch_size, device, dtype)
+            eval_time += time.perf_counter() - t0
+            eval_seen += len(dev_enc)
+            dev = score(spec, dev_out, dev_ex)
+            write({"step": step, "epoch": epoch, **{f"dev_{k}": v for k, v in dev.items()}})
+            log(f"epoch {epoch}: dev " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+            if dev[spec.primary_metric] > best_value:
+                best_value, best_epoch, best_dev = dev[spec.primary_metric], epoch, dev
+                state = {"epoch": epoch, "step": step, "dev": dev, "task": spec.name}
+                save_checkpoint(run_dir / BEST, model.gpt, save_cfg, tokenizer, state,
+                                extra_tensors=model.head_tensors(),
+                                extra_meta={META_KEY: json.dumps({**info, "epoch": epoch, "dev": dev})})
+            plot_finetune(run_dir, spec)
+    except KeyboardInterrupt:
+        bar.close()
+        raise UserError(f"interrupted at step {step}; the best checkpoint so far is in {run_dir}") from None
+    bar.close()
+
+    test_metrics = None
+    if test is not None:
+        best = FineTuned.load(run_dir, cfg.device, cfg.dtype)
+        test_out = run_outputs(best.model, spec, test[1], cfg.eval_batch_size, device, dtype)
+        test_metrics = score(spec, test_out, test[0])
+        write({"step": step, "epoch": best_epoch, **{f"test_{k}": v for k, v in test_metrics.items()}})
+        log("test (best dev epoch): " + "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+    result = FinetuneResult(
+        run_dir=run_dir, best_epoch=best_epoch, best_dev=best_dev, test=test_metrics, history=history,
+        train_examples=len(train_enc), examples_per_s=train_seen / max(train_time, 1e-9),
+        eval_examples_per_s=eval_seen / max(eval_time, 1e-9), elapsed=time.perf_counter() - start,
+    )
+    summary = {"task": spec.name, "family": spec.family, "best_epoch": best_epoch, "dev": best_dev,
+               "test": test_metrics, "train_examples": len(train_enc), "dev_examples": len(dev_enc),
+               "examples_per_s": round(result.examples_per_s, 1),
+               "eval_examples_per_s": round(result.eval_examples_per_s, 1),
+               "elapsed_s": round(result.elapsed, 1), "params": n_params, "config": asdict(cfg),
+               "source": str(ckpt.path)}
+    atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2))
+    return result
+
+
+def _label_mapping(spec: TaskSpec) -> dict[str, Any]:
+    if spec.is_regression:
+        return {"regression": spec.regression}
+    labels = spec.choice_labels() if spec.family == "multiple_choice" else spec.labels
+    return {str(i): {"value": v, "name": spec.label_names[i] if i < len(spec.label_names) else v}
+            for i, v in enumerate(labels)}
+
+
+def plot_finetune(run_dir: Path, spec: TaskSpec) -> None:
+    """finetune.png: training loss against steps and the dev metrics at the end of each epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in (run_dir / METRICS_FILE).read_text().splitlines() if ln.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss (L3)", alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    for m in spec.metrics:
+        pts = [(r["step"], r[f"dev_{m}"]) for r in records if f"dev_{m}" in r]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), "o-", label=f"dev {m}")
+    ax2.set_ylabel("dev metric")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best")
+    ax.set_title(f"{run_dir.name}: {spec.name}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = run_dir / f".{PLOT}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(run_dir / PLOT)

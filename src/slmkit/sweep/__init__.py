@@ -1,0 +1,208 @@
+"""`slm sweep`: hyperparameter sweeps (grid, random, TPE) on Optuna, one run directory per trial.
+
+    slm sweep --base cpu-tiny --dataset tinyshakespeare --grid "n_layer=2,4" --grid "learning_rate=1e-3,3e-3" \\
+        --trial-seconds 60 --out sweeps/demo
+    slm sweep --resume sweeps/demo        # continue, or join as a second worker
+    slm sweep report sweeps/demo          # report.md, results.csv, plots/, sample.txt
+
+Library use: `create(...)` then `run(sweep_dir)`; `write_report(sweep_dir)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import UserError
+from slmkit.sweep.report import collect_rows, write_report
+from slmkit.sweep.runner import (
+    SPEC_FILE,
+    SweepSpec,
+    create_sweep,
+    default_storage,
+    load_spec,
+    random_cells,
+    run_worker,
+)
+from slmkit.sweep.space import expand_grid, format_cell, parse_space, valid_grid
+
+__all__ = ["create", "run", "write_report", "collect_rows", "expand_grid", "register"]
+
+
+def base_config(base: str | None, flags: dict[str, dict[str, Any]]):
+    """--base is a preset name or a TOML / YAML config file; flags override it."""
+    from slmkit.config import PRESETS, resolve_config
+
+    if base is None or base in PRESETS:
+        return resolve_config(base, None, flags)
+    if Path(base).is_file():
+        return resolve_config(None, base, flags)
+    raise UserError(f"--base {base!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+
+
+def create(
+    sweep_dir: str | Path,
+    base,
+    grid: list[str] | None = None,
+    params: list[str] | None = None,
+    search: str | None = None,
+    trials: int | None = None,
+    trial_seconds: float | None = None,
+    seeds: int = 1,
+    prune: bool | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    skip_invalid: bool = False,
+    sampler_seed: int = 0,
+    log=print,
+) -> SweepSpec:
+    """Check everything, then create the study and sweep.json; nothing is trained here."""
+    sweep_dir = Path(sweep_dir)
+    if (sweep_dir / SPEC_FILE).exists():
+        raise UserError(f"{sweep_dir} already holds a sweep; continue it with: slm sweep --resume {sweep_dir}")
+    grid, params = grid or [], params or []
+    if grid and (params or search):
+        raise UserError("--grid makes a grid search; for --random / --search give the ranges with --param")
+    if grid:
+        mode = "grid"
+    elif search:
+        mode = search
+        if not params:
+            raise UserError(f"--search {search} needs the space: --param \"learning_rate=log:1e-4:1e-2\" ...")
+    else:
+        raise UserError("say what to vary: --grid NAME=V1,V2 (grid), or --param NAME=LOW:HIGH with --random N or "
+                        "--search tpe --trials N")
+    if mode != "grid" and (trials is None or trials < 1):
+        raise UserError(f"--search {mode} needs --trials N (N >= 1)")
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    if trial_seconds is not None and trial_seconds <= 0:
+        raise UserError(f"--trial-seconds must be positive, got {trial_seconds}")
+    space = parse_space(grid or params, base, "--grid" if grid else "--param", ranges=not grid)
+    if trial_seconds is not None and any(p.name == "max_iters" for p in space):
+        raise UserError("--trial-seconds sets max_iters per trial from the time budget; do not also sweep max_iters")
+    base.validate()
+    skipped: list[tuple[dict, str]] = []
+    spec = SweepSpec(
+        mode=mode, params=space, n_trials=trials or 0, base=base.to_dict(), storage="", study_name="",
+        trial_seconds=trial_seconds, seeds=seeds, prune=(mode != "grid") if prune is None else prune,
+        sampler_seed=sampler_seed,
+    )
+    cells = None
+    if mode == "grid":
+        cells, skipped = valid_grid(base, space, skip_invalid)
+        spec.n_trials = len(cells)
+        spec.skipped = [{"cell": c, "reason": why} for c, why in skipped]
+        for c, why in skipped:
+            log(f"skipping invalid cell {format_cell(c)}: {why}")
+    elif mode == "random":
+        cells = random_cells(spec, base)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec.storage = storage or default_storage(sweep_dir)
+    spec.study_name = study_name or sweep_dir.resolve().name
+    create_sweep(spec, sweep_dir, cells)
+    return spec
+
+
+def run(sweep_dir: str | Path, show: bool = True, report: bool = True, worker_seed: int | None = None,
+        max_trials: int | None = None) -> int:
+    """Run (or continue, or join) the sweep in `sweep_dir`; returns the trials this worker ran."""
+    from slmkit.data import prepare
+
+    sweep_dir = Path(sweep_dir)
+    spec = load_spec(sweep_dir)
+    data = prepare(spec.base_config().data)  # once, shared by every trial
+    ran = run_worker(sweep_dir, str(data.dir), show=show, worker_seed=worker_seed, max_trials=max_trials)
+    if report:
+        write_report(sweep_dir)
+    return ran
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+SPACE_FLAGS = ("grid", "param", "random", "search", "trials", "trial_seconds", "storage", "study_name", "base")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from slmkit.cli import config_flags
+
+    flags = config_flags(args)
+    if args.resume:
+        given = [f"--{n.replace('_', '-')}" for n in SPACE_FLAGS if getattr(args, n) not in (None, [])]
+        given += [f"--{n.replace('_', '-')}" for vals in flags.values() for n in vals]
+        if given:
+            raise UserError(f"--resume continues the saved sweep; drop {', '.join(sorted(given))}")
+        sweep_dir = Path(args.resume)
+        load_spec(sweep_dir)
+    else:
+        if args.random is not None and args.search not in (None, "random"):
+            raise UserError("--random N is --search random --trials N; give one of them")
+        search = "random" if args.random is not None else args.search
+        trials = args.random if args.random is not None else args.trials
+        sweep_dir = Path(args.out) if args.out else Path("sweeps") / time.strftime("sweep-%Y%m%d-%H%M%S")
+        base = base_config(args.base, flags)
+        spec = create(sweep_dir, base, grid=args.grid, params=args.param, search=search, trials=trials,
+                      trial_seconds=args.trial_seconds, seeds=args.seeds, prune=args.prune, storage=args.storage,
+                      study_name=args.study_name, skip_invalid=args.skip_invalid, sampler_seed=args.sampler_seed)
+        budget = f"{spec.trial_seconds:g} s" if spec.trial_seconds else f"{base.train.max_iters} steps"
+        print(f"sweep {sweep_dir}: {spec.mode}, {spec.n_trials} trials x {spec.seeds} seed(s), {budget} each, "
+              f"pruning {'on' if spec.prune else 'off'}; study {spec.study_name!r} in {spec.storage}")
+    ran = run(sweep_dir, show=True, report=not args.no_report)
+    _, rows = collect_rows(sweep_dir)
+    done = [r for r in rows if r["state"] == "complete" and "best_val_loss" in r]
+    msg = f"this worker ran {ran} trial(s)"
+    if done:
+        b = done[0]
+        msg += f"; best: trial {b['trial']} val {b['best_val_loss']:.4f} ({b['run_dir']})"
+    if not args.no_report:
+        msg += f"; report: {sweep_dir / 'report.md'}"
+    print(msg)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    path = write_report(args.dir, sample_tokens=args.sample_tokens)
+    print(path.read_text() if args.print else f"wrote {path}, {path.parent / 'results.csv'} and "
+          f"{path.parent / 'plots'}/")
+
+
+def register(sub) -> None:
+    from slmkit.cli import add_config_flags
+
+    p = sub.add_parser(
+        "sweep", help="hyperparameter sweep (grid, random, TPE on Optuna); `slm sweep report DIR` for the report",
+        description="Run a sweep: one ordinary run directory per trial, a study in SQLite (or --storage).",
+    )
+    p.add_argument("--base", help="preset name or TOML/YAML config that every trial starts from")
+    p.add_argument("--grid", action="append", metavar="NAME=V1,V2",
+                   help="grid search over these values (repeatable; every combination runs)")
+    p.add_argument("--param", action="append", metavar="SPEC",
+                   help="search space for --random/--search: NAME=LOW:HIGH, NAME=log:LOW:HIGH or NAME=V1,V2 "
+                        "(repeatable)")
+    p.add_argument("--random", type=int, metavar="N", help="random search with N trials (Optuna RandomSampler)")
+    p.add_argument("--search", choices=("tpe", "random"), help="sampler for a --param space (with --trials)")
+    p.add_argument("--trials", type=int, metavar="N", help="number of trials for --search")
+    p.add_argument("--trial-seconds", type=float, metavar="S",
+                   help="equal compute: each trial trains S seconds (max_iters sized so the schedule fits)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K", help="train each trial with K seeds; mean ± std")
+    p.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
+                   help="median pruning of clearly bad trials (default: on for --search/--random, off for grids)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid grid cells instead of failing")
+    p.add_argument("--out", help="sweep directory (default: sweeps/sweep-DATE-TIME)")
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage URL shared by workers, e.g. postgresql://user:pw@host/db "
+                        "(default: sqlite in the sweep directory)")
+    p.add_argument("--study-name", help="study name in the storage (default: the sweep directory's name)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the random / TPE sampler")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep, or join it as another worker")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_sweep)
+    rsub = p.add_subparsers(dest="sweep_command", metavar="report")
+    r = rsub.add_parser("report", help="write report.md, results.csv, plots/ and a sample for a sweep directory")
+    r.add_argument("dir", help="sweep directory")
+    r.add_argument("--sample-tokens", type=int, default=300, help="length of the best trial's sample; 0 = none")
+    r.add_argument("--print", action="store_true", help="also print report.md")
+    r.set_defaults(func=cmd_report)

@@ -1,0 +1,303 @@
+"""`slm sweep report DIR`: report.md, results.csv, plots/*.png and a sample from the best trial.
+
+Every number in a row is read back from the trial's own metrics.jsonl (seed runs: mean and std):
+  best val loss   lowest val_loss at any evaluation (the fixed validation subset)
+  final train     train_eval_loss at the last evaluation (the fixed training subset, not one batch)
+  gap             val_loss - train_eval_loss at the last evaluation (overfitting shows as a growing gap)
+  tokens/s        median training throughput, evaluations excluded
+  wall (s)        training wall time at the last record (evaluations included)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmkit.sweep.runner import counted_trials, load_spec, load_study, trial_run_dir
+from slmkit.train import CONFIG, read_metrics
+
+REPORT_MD, RESULTS_CSV, PLOTS_DIR, SAMPLE_TXT = "report.md", "results.csv", "plots", "sample.txt"
+
+
+def run_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The table's numbers for one run directory, from its metrics.jsonl and config.json."""
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "val_loss" in r]
+    if not evals:
+        return None
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    last = evals[-1]
+    return {
+        "best_val_loss": min(r["val_loss"] for r in evals),
+        "final_train_loss": last["train_eval_loss"],
+        "gap": last["val_loss"] - last["train_eval_loss"],
+        "tokens_per_s": float(np.median(speeds)) if speeds else 0.0,
+        "wall_s": max(r.get("elapsed", 0.0) for r in records),
+        "steps": max(r["step"] for r in records),
+        "params": count_params(run_dir),
+        "curve": [(r["step"], r.get("elapsed"), r["val_loss"]) for r in evals],
+    }
+
+
+def count_params(run_dir: Path) -> int | None:
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        return None
+    import torch
+
+    from slmkit.config import RunConfig
+    from slmkit.model import GPT
+
+    cfg = RunConfig.from_dict(json.loads(p.read_text()))
+    with torch.device("meta"):
+        return GPT(cfg.model).num_params()
+
+
+STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
+NUMERIC = ("best_val_loss", "final_train_loss", "gap", "tokens_per_s", "wall_s", "steps")
+
+
+def collect_rows(sweep_dir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
+    """(spec, one row per trial), best first; failed trials last."""
+    sweep_dir = Path(sweep_dir)
+    spec = load_spec(sweep_dir)
+    study = load_study(spec)
+    rows = []
+    for t in counted_trials(study):
+        fixed = t.system_attrs.get("fixed_params", {})
+        values = {p.name: t.params.get(p.name, fixed.get(p.name)) for p in spec.params}
+        run_dirs = [sweep_dir / r for r in t.user_attrs.get("run_dirs", [])] or \
+            [trial_run_dir(sweep_dir, t.number, i, spec.seeds) for i in range(spec.seeds)]
+        runs = [(d, m) for d in run_dirs if (m := run_metrics(d)) is not None]
+        row: dict[str, Any] = {"trial": t.number, "state": STATE_NAMES.get(t.state.name, t.state.name.lower()),
+                               **values, "run_dir": str(run_dirs[0].relative_to(sweep_dir)),
+                               "seeds": len(runs), "error": t.user_attrs.get("error", "")}
+        if runs:
+            ms = [m for _, m in runs]
+            row["params_M"] = (ms[0]["params"] or 0) / 1e6
+            for k in NUMERIC:
+                vals = [m[k] for m in ms]
+                row[k] = float(np.mean(vals))
+                row[f"{k}_std"] = float(np.std(vals))
+            row["curves"] = [m["curve"] for m in ms]
+        rows.append(row)
+
+    def key(r):
+        ok = r["state"] == "complete" and "best_val_loss" in r
+        return (0 if ok else 1 if "best_val_loss" in r else 2, r.get("best_val_loss", math.inf), r["trial"])
+
+    rows.sort(key=key)
+    return spec, rows
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((r for r in rows if r["state"] == "complete" and "best_val_loss" in r), None)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _pm(r: dict[str, Any], k: str, fmt: str, seeds: int) -> str:
+    if k not in r:
+        return ""
+    s = format(r[k], fmt)
+    return f"{s} ± {format(r[k + '_std'], fmt)}" if seeds > 1 else s
+
+
+def markdown_table(spec, rows: list[dict[str, Any]]) -> str:
+    names = [p.name for p in spec.params]
+    head = ["trial", *names, "params (M)", "tokens/s", "wall (s)", "steps", "best val loss", "final train loss",
+            "gap (val − train)", "state"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
+    best = best_row(rows)
+    for r in rows:
+        k = spec.seeds
+        val = _pm(r, "best_val_loss", ".4f", k)
+        if best is not None and r is best:
+            val = f"**{val}**"
+        state = r["state"] + (f": {r['error'][:80]}" if r["state"] == "failed" and r["error"] else "")
+        cells = [str(r["trial"]), *[str(r[n]) for n in names],
+                 f"{r['params_M']:.3f}" if "params_M" in r else "",
+                 _pm(r, "tokens_per_s", ",.0f", k), _pm(r, "wall_s", ".1f", k),
+                 f"{r['steps']:.0f}" if "steps" in r else "", val,
+                 _pm(r, "final_train_loss", ".4f", k), _pm(r, "gap", "+.4f", k), state.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(spec, rows: list[dict[str, Any]]) -> str:
+    names = [p.name for p in spec.params]
+    cols = ["trial", "state", *names, "params_M", "tokens_per_s", "wall_s", "steps", "best_val_loss",
+            "best_val_loss_std", "final_train_loss", "final_train_loss_std", "gap", "gap_std",
+            "seeds", "run_dir", "error"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c, "")) for c in cols})
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(rows, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    best = best_row(rows)
+    shown = [r for r in rows if r.get("curves")]
+    for r in shown:
+        is_best = r is best
+        for i, curve in enumerate(r["curves"]):
+            steps = [c[0] for c in curve]
+            secs = [c[1] for c in curve]
+            vals = [c[2] for c in curve]
+            kw = {"lw": 2.5 if is_best else 1.0, "alpha": 1.0 if is_best else 0.55,
+                  "label": f"trial {r['trial']}" + (" (best)" if is_best else "") if i == 0 else None,
+                  "ls": "--" if r["state"] == "pruned" else "-"}
+            axes[0].plot(steps, vals, marker=".", **kw)
+            if all(s is not None for s in secs):
+                axes[1].plot(secs, vals, marker=".", **kw)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training wall time (s)")
+    axes[0].set_ylabel("val loss (nats/token)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if 0 < len(shown) <= 12:
+        axes[1].legend(fontsize=7)
+    fig.suptitle("validation loss of every trial (dashed: pruned)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    pts = [r for r in rows if "best_val_loss" in r and r.get(x_key) is not None and r["state"] != "failed"]
+    numeric = all(isinstance(r[x_key], int | float) and not isinstance(r[x_key], bool) for r in pts)
+    cats = sorted({str(r[x_key]) for r in pts}) if not numeric else []
+    best = best_row(rows)
+
+    def xv(r):
+        return r[x_key] if numeric else cats.index(str(r[x_key]))
+
+    for state, marker in (("complete", "o"), ("pruned", "x")):
+        sel = [r for r in pts if r["state"] == state]
+        if sel:
+            ax.errorbar([xv(r) for r in sel], [r["best_val_loss"] for r in sel],
+                        yerr=[r.get("best_val_loss_std", 0.0) for r in sel], fmt=marker, alpha=0.75,
+                        capsize=2, label=state)
+    # The best trial at each value: the envelope a user would pick from.
+    by_x: dict[Any, float] = {}
+    for r in pts:
+        by_x[xv(r)] = min(by_x.get(xv(r), math.inf), r["best_val_loss"])
+    if len(by_x) > 1:
+        xs = sorted(by_x)
+        ax.plot(xs, [by_x[x] for x in xs], "-", color="gray", alpha=0.6, label="best at this value")
+    if best is not None and best in pts:
+        ax.plot([xv(best)], [best["best_val_loss"]], "*", ms=16, color="crimson", label=f"best (trial {best['trial']})")
+    if log_x and numeric:
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(cats)), cats)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("best val loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    plt = _plt()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def make_plots(spec, rows, out: Path) -> list[Path]:
+    paths = [out / "val_curves.png", out / "val_vs_params.png"]
+    plot_curves(rows, paths[0])
+    plot_against(rows, "params_M", paths[1], True, "parameters (M)")
+    for p in spec.params:
+        path = out / f"val_vs_{p.name}.png"
+        plot_against(rows, p.name, path, p.log_axis, p.name + (" (log)" if p.log_axis else ""))
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def best_sample(sweep_dir: Path, row: dict[str, Any], max_new_tokens: int = 300) -> str:
+    from slmkit.api import load
+
+    lm = load(sweep_dir / row["run_dir"], device="cpu", dtype="float32")
+    return lm.generate("", max_new_tokens=max_new_tokens, temperature=0.8, top_k=200, seed=1234)[0]
+
+
+def write_report(sweep_dir: str | Path, sample_tokens: int = 300) -> Path:
+    """Write report.md, results.csv, plots/ and sample.txt into the sweep directory."""
+    from slmkit.checkpoint import atomic_write_text
+    from slmkit.errors import UserError
+
+    sweep_dir = Path(sweep_dir)
+    spec, rows = collect_rows(sweep_dir)
+    if not rows:
+        raise UserError(f"{sweep_dir}: no trial has started yet")
+    plots = make_plots(spec, rows, sweep_dir / PLOTS_DIR)
+    atomic_write_text(sweep_dir / RESULTS_CSV, csv_text(spec, rows))
+    best = best_row(rows)
+    sample = ""
+    if best is not None and sample_tokens > 0:
+        try:
+            sample = best_sample(sweep_dir, best, sample_tokens)
+            atomic_write_text(sweep_dir / SAMPLE_TXT, sample + "\n")
+        except UserError as exc:
+            sample = f"(no sample: {exc})"
+    base = spec.base_config()
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "running")}
+    budget = (f"{spec.trial_seconds:g} s of training per trial (max_iters sized to fit)" if spec.trial_seconds
+              else f"{base.train.max_iters} steps per trial")
+    lines = [
+        f"# Sweep {sweep_dir.name}",
+        "",
+        f"- search: {spec.mode}, {spec.n_trials} trials; " + "; ".join(p.describe() for p in spec.params),
+        f"- base: {base.preset or 'defaults'} ({base.model.n_layer} layers, {base.model.n_head} heads, "
+        f"{base.model.n_embd} wide, block {base.model.block_size}, batch {base.train.batch_size}), "
+        f"data {base.data.dataset} ({base.data.tokenizer})",
+        f"- budget: {budget}; seeds per trial: {spec.seeds}; pruning: {'median' if spec.prune else 'off'}",
+        "- trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
+    ]
+    if spec.skipped:
+        lines.append(f"- skipped invalid cells: {len(spec.skipped)}")
+    if best is not None:
+        setting = ", ".join(f"{p.name}={best[p.name]}" for p in spec.params)
+        lines += ["", f"**Best: trial {best['trial']}** ({setting}): best val loss {best['best_val_loss']:.4f}, "
+                      f"{best['params_M']:.3f}M parameters, {best['tokens_per_s']:,.0f} tokens/s, "
+                      f"run directory `{best['run_dir']}`."]
+    lines += ["", markdown_table(spec, rows), ""]
+    for p in plots:
+        lines.append(f"![{p.stem}]({PLOTS_DIR}/{p.name})")
+    if sample:
+        lines += ["", f"## Sample from the best trial ({best['run_dir']})", "", "```", sample.strip("\n"), "```"]
+    path = sweep_dir / REPORT_MD
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,533 @@
+"""Sweeps on Optuna: a study in a (SQLite by default) storage, workers that take trials from it,
+and one ordinary run directory per trial (and per seed).
+
+How trials are handed out, so that parallel workers never run a trial twice:
+
+* grid and random: every configuration is put in Optuna's trial queue (`enqueue_trial`) when the
+  sweep is created; a worker takes a queued trial by moving it WAITING -> RUNNING, which the
+  storage does atomically (the same step as `Study.ask`). When the queue is empty the sweep is done.
+* tpe: a worker asks TPE for a new trial while fewer than N trials exist (under a file lock when the
+  storage is a local SQLite file).
+* A worker that dies stops sending heartbeats; its trial is marked failed and queued again
+  (Optuna's RetryHeartbeatStaleTrialCallback). Ctrl-C does the same at once.
+
+Equal compute (`--trial-seconds S`): before a trial, a few real optimizer steps and one evaluation
+are timed, and max_iters is set to the steps that fit in S seconds, so that every trial runs its
+whole warmup + cosine schedule within the same wall time. A guard stops a trial at an evaluation
+if it would run past S (for example when the machine gets busier).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmkit.config import RunConfig
+from slmkit.errors import UserError
+from slmkit.sweep.space import Param, apply_params, check_cell
+
+SPEC_FILE, DB_FILE, LOCK_FILE, TRIALS_DIR = "sweep.json", "study.db", ".study.lock", "trials"
+HEARTBEAT_S, GRACE_S = 10, 45
+MODES = ("grid", "random", "tpe")
+
+
+@dataclass
+class SweepSpec:
+    mode: str
+    params: list[Param]
+    n_trials: int
+    base: dict[str, Any]
+    storage: str
+    study_name: str
+    trial_seconds: float | None = None
+    seeds: int = 1
+    prune: bool = False
+    sampler_seed: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # invalid grid cells, with reasons
+    version: int = 1
+
+    def base_config(self) -> RunConfig:
+        return RunConfig.from_dict(self.base)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params"] = [p.to_dict() for p in self.params]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
+        d = dict(d)
+        d["params"] = [Param.from_dict(p) for p in d["params"]]
+        return cls(**d)
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=".*Heartbeat of storage is supposed to be used.*")
+
+
+def default_storage(sweep_dir: Path) -> str:
+    return f"sqlite:///{(sweep_dir / DB_FILE).resolve()}"
+
+
+def open_storage(url: str):
+    """An Optuna RDB storage with heartbeats; any failure is a one-line UserError."""
+    import optuna
+
+    _quiet_optuna()
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        # Parallel workers wait for each other's writes instead of failing with "database is locked".
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(), **kwargs,
+        )
+    except Exception as exc:  # driver missing, host unreachable, bad URL, unwritable file...
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise UserError(f"cannot open the study storage {url}: {first}") from None
+
+
+def _sampler(spec: SweepSpec, worker_seed: int | None):
+    import optuna
+
+    if spec.mode == "tpe":
+        return optuna.samplers.TPESampler(seed=worker_seed)
+    if spec.mode == "grid" and spec.n_trials > 1:
+        # Parameters come from the trial queue; the GridSampler describes the grid to Optuna tools
+        # and leaves queued (fixed) parameters alone.
+        return optuna.samplers.GridSampler({p.name: p.values for p in spec.params}, seed=spec.sampler_seed)
+    return optuna.samplers.RandomSampler(seed=worker_seed)
+
+
+def _pruner(spec: SweepSpec):
+    import optuna
+
+    if not spec.prune:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, spec.n_trials // 4)), n_warmup_steps=1)
+
+
+def random_cells(spec: SweepSpec, base: RunConfig) -> list[dict[str, Any]]:
+    """N configurations drawn by Optuna's RandomSampler up front (invalid draws are redrawn)."""
+    import optuna
+
+    _quiet_optuna()
+    draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.sampler_seed))
+    cells: list[dict[str, Any]] = []
+    for _ in range(100 * spec.n_trials):
+        t = draw.ask()
+        values = {p.name: p.suggest(t) for p in spec.params}
+        draw.tell(t, 0.0)
+        if check_cell(base, spec.params, values) is None:
+            cells.append(values)
+            if len(cells) == spec.n_trials:
+                return cells
+    raise UserError("almost every random draw gives an invalid configuration (for example n_embd not divisible "
+                    "by n_head); narrow the ranges")
+
+
+def create_sweep(spec: SweepSpec, sweep_dir: Path, cells: list[dict[str, Any]] | None) -> None:
+    """Write sweep.json, create the study and queue the cells (grid / random)."""
+    import optuna
+
+    storage = open_storage(spec.storage)
+    try:
+        study = optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
+                                    sampler=_sampler(spec, spec.sampler_seed), pruner=_pruner(spec))
+    except optuna.exceptions.DuplicatedStudyError:
+        raise UserError(f"the storage already holds a study named {spec.study_name!r}; "
+                        "continue it with --resume, or pick --study-name") from None
+    study.set_user_attr("slmkit_sweep", spec.to_dict())
+    for cell in cells or []:
+        study.enqueue_trial(cell)
+    from slmkit.checkpoint import atomic_write_text
+
+    (sweep_dir / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sweep_dir / SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
+
+
+def load_spec(sweep_dir: Path) -> SweepSpec:
+    p = sweep_dir / SPEC_FILE
+    if not p.is_file():
+        raise UserError(f"{sweep_dir} is not a sweep directory (no {SPEC_FILE})")
+    try:
+        return SweepSpec.from_dict(json.loads(p.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise UserError(f"{p} is corrupted: {exc}") from None
+
+
+def load_study(spec: SweepSpec, worker_seed: int | None = None):
+    import optuna
+
+    storage = open_storage(spec.storage)
+    try:
+        return optuna.load_study(study_name=spec.study_name, storage=storage,
+                                 sampler=_sampler(spec, worker_seed), pruner=_pruner(spec))
+    except KeyError:
+        raise UserError(f"the storage {spec.storage} holds no study named {spec.study_name!r}") from None
+
+
+# ----------------------------------------------------------------------------- trial bookkeeping
+
+
+def superseded(trials) -> set[int]:
+    """Numbers of trials that were interrupted or went stale and were queued again."""
+    out = set()
+    for t in trials:
+        for n in (t.system_attrs.get("failed_trial"), t.user_attrs.get("retry_of")):
+            if n is not None:
+                out.add(int(n))
+    return out
+
+
+def counted_trials(study) -> list:
+    """The sweep's trials: not waiting, and not replaced by a retry."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    gone = superseded(trials)
+    return [t for t in trials if t.state != TrialState.WAITING and t.number not in gone]
+
+
+def _study_lock(spec: SweepSpec, sweep_dir: Path):
+    """A file lock around 'count, then ask' when the storage is a local SQLite file."""
+    if not spec.storage.startswith("sqlite:"):
+        return contextlib.nullcontext()
+    import fcntl
+
+    @contextlib.contextmanager
+    def locked():
+        with open(sweep_dir / LOCK_FILE, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    return locked()
+
+
+def _pop_queued(study):
+    """Take a queued trial: WAITING -> RUNNING is atomic in the storage, so two workers never get
+    the same one (this mirrors what Study.ask does, without falling back to a new trial)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return optuna.trial.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def next_trial(study, spec: SweepSpec, sweep_dir: Path):
+    """The next trial for this worker, or None when nothing is left to start."""
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)  # dead workers' trials go back to the queue
+    with _study_lock(spec, sweep_dir):
+        trial = _pop_queued(study)
+        if trial is None and spec.mode == "tpe" and len(counted_trials(study)) < spec.n_trials:
+            trial = study.ask()
+    return trial
+
+
+class Heartbeat:
+    """Tells the storage this worker is alive while a trial runs."""
+
+    def __init__(self, study, trial_id: int):
+        self.storage, self.trial_id = study._storage, trial_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(Exception):
+                self.storage.record_heartbeat(self.trial_id)
+            self.stop.wait(HEARTBEAT_S)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+        return False
+
+
+# ----------------------------------------------------------------------------- equal compute
+
+
+def plan_iters(cfg: RunConfig, data, seconds: float) -> tuple[int, float]:
+    """Steps that fit in `seconds` of training wall time (evaluations included), from a few timed
+    real steps and one timed evaluation; returns (max_iters, seconds per step)."""
+    import tempfile
+
+    from slmkit.train import Trainer
+
+    t = cfg.train
+    probe = copy.deepcopy(cfg)
+    probe.train.max_iters = 10**9
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(probe, Path(tmp), data)
+        trainer.train_step(0)  # first step: allocation and kernel warm-up, not timed
+        n, start = 0, time.perf_counter()
+        while n < 3 or (time.perf_counter() - start < 1.0 and n < 50):
+            trainer.train_step(n + 1)
+            n += 1
+        step_s = (time.perf_counter() - start) / n
+        start = time.perf_counter()
+        trainer.fixed_loss(trainer.val_tokens, trainer._val_offsets)
+        trainer.fixed_loss(trainer.train_tokens, trainer._train_eval_offsets)
+        eval_s = time.perf_counter() - start
+    per_step = step_s + eval_s / t.eval_interval
+    return max(1, int((seconds - eval_s) / per_step)), per_step
+
+
+class BudgetGuard:
+    """on_eval hook: report to Optuna (pruning) and stop before the time budget runs out."""
+
+    def __init__(self, trial, report: bool, seconds: float | None, eval_interval: int, on_progress=None):
+        self.trial, self.report, self.seconds, self.eval_interval = trial, report, seconds, eval_interval
+        self.start = time.perf_counter()
+        self.stopped_by_budget = False
+        self.on_progress = on_progress
+
+    def __call__(self, step: int, val_loss: float) -> bool:
+        import optuna
+
+        if self.on_progress is not None:
+            self.on_progress(step, val_loss)
+        if self.report:
+            self.trial.report(val_loss, step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
+        if self.seconds is not None:
+            elapsed = time.perf_counter() - self.start
+            next_eval = elapsed + elapsed / step * self.eval_interval
+            if next_eval > self.seconds * 1.1:
+                self.stopped_by_budget = True
+                return True
+        return False
+
+
+# ----------------------------------------------------------------------------- running trials
+
+
+def trial_run_dir(sweep_dir: Path, number: int, seed_index: int, seeds: int) -> Path:
+    name = f"trial_{number:04d}" + (f"_seed{seed_index}" if seeds > 1 else "")
+    return sweep_dir / TRIALS_DIR / name
+
+
+class _Interrupt:
+    """Remembers a Ctrl-C even when the training loop turns it into a UserError."""
+
+    def __init__(self):
+        self.hit = False
+        self.previous = None
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str, on_progress=None) -> dict:
+    """Train one trial (K seeds) and tell Optuna the outcome; returns a summary for the live table."""
+    import numpy as np
+    import optuna
+    from optuna.trial import TrialState
+
+    from slmkit.data import open_prepared
+    from slmkit.train import train
+
+    base = spec.base_config()
+    values = {p.name: p.suggest(trial) for p in spec.params}
+    summary: dict[str, Any] = {"number": trial.number, "values": values, "state": "fail"}
+    interrupt = _Interrupt()
+    try:
+        with Heartbeat(study, trial._trial_id), interrupt:
+            why = check_cell(base, spec.params, values)
+            if why is not None:
+                raise UserError(f"invalid configuration: {why}")
+            cfg = apply_params(base, spec.params, values)
+            if spec.trial_seconds:
+                iters, per_step = plan_iters(cfg, open_prepared(prepared_dir), spec.trial_seconds)
+                cfg.train.max_iters = iters
+                trial.set_user_attr("planned_max_iters", iters)
+                trial.set_user_attr("planned_seconds_per_step", round(per_step, 5))
+            losses, runs, results = [], [], []
+            for i in range(spec.seeds):
+                run_cfg = copy.deepcopy(cfg)
+                run_cfg.train.seed = cfg.train.seed + i
+                run_dir = trial_run_dir(sweep_dir, trial.number, i, spec.seeds)
+                runs.append(str(run_dir.relative_to(sweep_dir)))
+                trial.set_user_attr("run_dirs", runs)
+                guard = BudgetGuard(trial, spec.prune and i == 0, spec.trial_seconds, cfg.train.eval_interval,
+                                    on_progress)
+                # No full-split evaluation at the end: the objective is the fixed validation subset.
+                result = train(run_cfg, run_dir, overwrite=True, progress=False, prepared_dir=prepared_dir,
+                               final_eval=False, on_eval=guard)
+                if guard.stopped_by_budget:
+                    trial.set_user_attr("stopped_by_budget", True)
+                losses.append(result.best_val_loss)
+                results.append(result)
+            mean = float(np.mean(losses))
+            trial.set_user_attr("seed_best_val_losses", losses)
+            trial.set_user_attr("best_val_loss_std", float(np.std(losses)) if len(losses) > 1 else 0.0)
+            trial.set_user_attr("params", results[0].params)
+            trial.set_user_attr("steps", [r.step for r in results])
+            trial.set_user_attr("elapsed", [round(r.elapsed, 2) for r in results])
+            study.tell(trial, mean)
+            summary.update(state="complete", value=mean, std=float(np.std(losses)), params=results[0].params,
+                           tokens_per_s=float(np.mean([r.tokens_per_s for r in results])),
+                           elapsed=float(np.mean([r.elapsed for r in results])), steps=results[0].step)
+    except optuna.TrialPruned as exc:
+        study.tell(trial, state=TrialState.PRUNED)
+        summary.update(state="pruned", error=str(exc))
+    except (KeyboardInterrupt, Exception) as exc:
+        if interrupt.hit or isinstance(exc, KeyboardInterrupt):
+            # Not the trial's fault: record it as failed and queue the same configuration again.
+            trial.set_user_attr("error", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(values, user_attrs={"retry_of": trial.number})
+            raise UserError(f"interrupted during trial {trial.number}; continue with: "
+                            f"slm sweep --resume {sweep_dir}") from None
+        message = f"{exc.__class__.__name__}: {exc}".splitlines()[0] if not isinstance(exc, UserError) \
+            else str(exc).splitlines()[0]
+        trial.set_user_attr("error", message[:500])
+        study.tell(trial, state=TrialState.FAIL)
+        summary.update(state="fail", error=message)
+    return summary
+
+
+# ----------------------------------------------------------------------------- the live view
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class LiveTable:
+    """A progress bar over trials, with one table row printed above it per finished trial."""
+
+    def __init__(self, spec: SweepSpec, total: int, done: int, enabled: bool = True):
+        self.spec, self.enabled = spec, enabled
+        self.names = [p.name for p in spec.params]
+        self.widths = [max(len(n), 9) for n in self.names]
+        self.bar = None
+        self.total, self.done = total, done
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="trial", dynamic_ncols=True, desc="sweep")
+        self._print(self._row(["trial", *self.names, "params(M)", "tok/s", "time(s)", "best val", "state"]))
+
+    def _row(self, cells: list[str]) -> str:
+        widths = [6, *self.widths, 9, 8, 7, 15, 8]
+        return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))
+
+    def _print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def running(self, number: int, values: dict[str, Any], step: int | None = None, val: float | None = None):
+        if self.bar is not None:
+            post = {"trial": number, **{k: _fmt(v) for k, v in values.items()}}
+            if step is not None:
+                post.update(step=step, val=f"{val:.4f}")
+            self.bar.set_postfix(post, refresh=True)
+
+    def finished(self, s: dict[str, Any], done: int | None = None) -> None:
+        self.done = done if done is not None else self.done + 1
+        vals = [_fmt(s["values"].get(n, "")) for n in self.names]
+        if s["state"] == "complete":
+            best = f"{s['value']:.4f}" + (f" ± {s['std']:.4f}" if self.spec.seeds > 1 else "")
+            cells = [s["number"], *vals, f"{s['params'] / 1e6:.3f}", f"{s['tokens_per_s']:,.0f}",
+                     f"{s['elapsed']:.1f}", best, "ok"]
+        else:
+            cells = [s["number"], *vals, "", "", "", "", s["state"]]
+        line = self._row(cells)
+        if self.bar is None:
+            line = f"{line}   [{self.done}/{self.total}]"
+        if s.get("error") and s["state"] == "fail":
+            line += f"   {s['error'][:100]}"
+        self._print(line)
+        if self.bar is not None:
+            self.bar.n = self.done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_worker(sweep_dir: Path, prepared_dir: str, show: bool = True, worker_seed: int | None = None,
+               max_trials: int | None = None) -> int:
+    """Take and run trials until none is left (then wait for other workers' trials to settle), or
+    until this worker ran max_trials; returns how many trials this worker ran."""
+    from optuna.trial import TrialState
+
+    spec = load_spec(sweep_dir)
+    if worker_seed is None:
+        worker_seed = (spec.sampler_seed * 1_000_003 + os.getpid()) % 2**31
+    study = load_study(spec, worker_seed)
+    total = spec.n_trials
+
+    def finished_count() -> int:
+        return sum(t.state.is_finished() for t in counted_trials(study))
+
+    live = LiveTable(spec, total, finished_count(), enabled=show)
+    ran = 0
+    try:
+        while max_trials is None or ran < max_trials:
+            trial = next_trial(study, spec, sweep_dir)
+            if trial is None:
+                running = [t for t in counted_trials(study) if t.state == TrialState.RUNNING]
+                if not running:
+                    break
+                # Trials running in other workers: wait for them (or for them to go stale and come back).
+                time.sleep(2.0)
+                continue
+            values = {p.name: p.suggest(trial) for p in spec.params}  # queued values, or the sampler's
+            live.running(trial.number, values)
+            summary = run_trial(study, trial, spec, sweep_dir, prepared_dir,
+                                on_progress=lambda step, val, n=trial.number, v=values: live.running(n, v, step, val))
+            ran += 1
+            live.finished(summary, finished_count())
+    finally:
+        live.close()
+    return ran

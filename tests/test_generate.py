@@ -1,0 +1,100 @@
+"""Generation: KV cache equivalence, sampling filters, stop strings, end of text, streaming."""
+
+import pytest
+import torch
+
+from slmkit.config import ModelConfig
+from slmkit.generate import GenerationConfig, filter_logits, generate_ids, generate_stream
+from slmkit.model import GPT
+from slmkit.tokenizers import CharTokenizer, HFByteLevelTokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("ln", ["pre", "post"])
+def test_greedy_with_kv_cache_equals_without_it_token_for_token(ln):
+    torch.manual_seed(1)
+    m = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, ln=ln)).eval()
+    prompt = [3, 1, 4, 1, 5]
+    n = 50  # well past the 16-token context: the cache is cropped and rebuilt
+    cached = list(generate_ids(m, prompt, GenerationConfig(max_new_tokens=n, temperature=0), "cpu"))
+    plain = list(generate_ids(m, prompt, GenerationConfig(max_new_tokens=n, temperature=0, use_cache=False), "cpu"))
+    assert cached == plain and len(cached) == n
+
+
+def test_cached_logits_match_full_forward(model):
+    x = torch.randint(0, 40, (1, 12))
+    full, _ = model(x)
+    cache = model.new_cache()
+    first, _ = model(x[:, :7], cache=cache)
+    rest = [model(x[:, i : i + 1], cache=cache)[0] for i in range(7, 12)]
+    stepwise = torch.cat([first, *rest], dim=1)
+    assert torch.allclose(full, stepwise, atol=1e-5)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    k2 = filter_logits(logits, top_k=2, top_p=1.0)
+    assert torch.isfinite(k2).tolist() == [True, True, False, False]
+    p = filter_logits(logits, top_k=0, top_p=0.75)  # 0.5 + 0.3 reach 0.75
+    assert torch.isfinite(p).tolist() == [True, True, False, False]
+    p_small = filter_logits(logits, top_k=0, top_p=0.1)  # the most likely token always stays
+    assert torch.isfinite(p_small).tolist() == [True, False, False, False]
+
+
+def test_seeded_sampling_is_reproducible(model):
+    gen = GenerationConfig(max_new_tokens=20, temperature=1.0, top_k=10, seed=7)
+    a = list(generate_ids(model, [1, 2], gen, "cpu", rng=torch.Generator().manual_seed(7)))
+    b = list(generate_ids(model, [1, 2], gen, "cpu", rng=torch.Generator().manual_seed(7)))
+    assert a == b
+
+
+class AlwaysNext(torch.nn.Module):
+    """A stand-in model that always predicts a fixed sequence of tokens."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.script, self.vocab, self.i = list(script), vocab, 0
+        self.config = ModelConfig(vocab_size=vocab, block_size=64)
+
+    def new_cache(self):
+        return GPT.new_cache(self)
+
+    def forward(self, x, cache=None, last_only=False):
+        if cache is not None:
+            cache.length += x.size(1)
+        logits = torch.full((1, 1, self.vocab), -10.0)
+        logits[0, 0, self.script[min(self.i, len(self.script) - 1)]] = 10.0
+        self.i += 1
+        return logits, None
+
+
+def test_end_of_text_token_ends_the_sample():
+    tok = HFByteLevelTokenizer.train(iter(["abc abc abc " * 20]), vocab_size=270)
+    eot = tok.special["eot"]
+    script = tok.encode("abc") + [eot] + tok.encode("never")
+    out = "".join(generate_stream(AlwaysNext(script, tok.vocab_size), tok, prompt="x",
+                                  gen=GenerationConfig(max_new_tokens=20, temperature=0)))
+    assert out == "abc"
+
+
+def test_stop_strings_end_the_sample_and_are_not_printed():
+    tok = CharTokenizer.train("abcdefgh:\n ")
+    script = tok.encode("abc\n\nd:efgh")
+    pieces = list(generate_stream(AlwaysNext(script, tok.vocab_size), tok, prompt="a",
+                                  gen=GenerationConfig(max_new_tokens=30, temperature=0, stop=("\n\n", ":"))))
+    assert "".join(pieces) == "abc"
+
+
+def test_streaming_yields_whole_characters_for_multibyte_text():
+    tok = HFByteLevelTokenizer.train(iter(["ascii " * 50]), vocab_size=262)
+    script = tok.encode("né ✓ 日")
+    pieces = list(generate_stream(AlwaysNext(script, tok.vocab_size), tok, prompt="a",
+                                  gen=GenerationConfig(max_new_tokens=len(script), temperature=0)))
+    assert "".join(pieces) == "né ✓ 日"
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 3

@@ -1,0 +1,82 @@
+"""The GPT itself: causality, parameter counts, configuration checks, both layer-norm placements."""
+
+import pytest
+import torch
+
+from slmkit.config import ModelConfig, preset_config
+from slmkit.errors import UserError
+from slmkit.model import GPT
+
+
+def small(**kw) -> ModelConfig:
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("ln", ["pre", "post"])
+def test_changing_a_future_token_never_changes_earlier_logits(ln):
+    torch.manual_seed(0)
+    model = GPT(small(ln=ln)).eval()
+    x = torch.randint(0, 50, (2, 12))
+    y = x.clone()
+    y[:, 7] = (y[:, 7] + 1) % 50
+    lx, _ = model(x)
+    ly, _ = model(y)
+    assert torch.equal(lx[:, :7], ly[:, :7])
+    assert not torch.allclose(lx[:, 7:], ly[:, 7:])
+
+
+def test_shakespeare_char_preset_has_about_10_7m_parameters():
+    cfg = preset_config("shakespeare-char").model
+    cfg.vocab_size = 65
+    with torch.device("meta"):
+        b = GPT(cfg).param_breakdown()
+    assert 10.6e6 < b.total < 10.9e6
+    assert b.head == 0  # tied to the token embedding
+    assert b.total == b.token_embedding + b.position_embedding + b.attention + b.mlp + b.layer_norm
+
+
+def test_gpt1_preset_matches_the_released_parameter_count():
+    cfg = preset_config("gpt1").model
+    with torch.device("meta"):
+        model = GPT(cfg)
+    # The release holds 116,534,784 values; the 3 fine-tuning tokens' rows (3 x 768) are added on top.
+    assert "ln_f" not in model.transformer  # post-LN: no final layer norm
+    assert model.num_params() == 116_534_784 + 3 * 768
+
+
+def test_tied_head_shares_storage_with_the_token_embedding():
+    model = GPT(small())
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(n_embd=30, n_head=4), "divisible"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(block_size=-1), "block_size"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(ln="middle"), "ln"),
+    ],
+)
+def test_invalid_configurations_are_clear_errors_before_allocation(change, message):
+    with pytest.raises(UserError, match=message):
+        GPT(small(**change))
+
+
+def test_sequence_longer_than_the_position_table_is_refused():
+    model = GPT(small())
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(small())
+    decay, no_decay = model.optimizer_groups(0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_params()
