@@ -23,15 +23,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--vocab-size", type=int, default=65)
+    ap.add_argument("--dropout", type=float, default=-1.0, help="override the preset's dropout")
     args = ap.parse_args()
     cfg = preset_config(args.preset)
     cfg.model.vocab_size = cfg.model.vocab_size or args.vocab_size
+    if args.dropout >= 0:
+        cfg.model.dropout = args.dropout
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device).train()
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3)
     B, T = args.batch_size or cfg.train.batch_size, cfg.model.block_size
+    accum = 1 if args.batch_size else cfg.train.grad_accum
     x = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
     for i in range(args.warmup + args.iters):
@@ -39,9 +43,10 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        with autocast(device, dtype):
-            _, loss = model(x, y)
-        loss.backward()
+        for _ in range(accum):  # the preset's micro-batches per optimizer step
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            (loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -50,7 +55,8 @@ def main() -> None:
     emit({"bench": "train_speed", "preset": args.preset, "params_m": round(model.num_params() / 1e6, 3),
           "batch_size": B, "block_size": T, "dropout": cfg.model.dropout, "device": str(device),
           "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-          "ms_per_iter": round(dt * 1000, 1), "tokens_per_s": round(B * T / dt), "peak_rss_mb": peak_rss_mb()})
+          "grad_accum": accum, "attn_dropout": cfg.model.attention_dropout,
+          "ms_per_iter": round(dt * 1000, 1), "tokens_per_s": round(B * T * accum / dt), "peak_rss_mb": peak_rss_mb()})
 
 
 if __name__ == "__main__":
