@@ -164,3 +164,14 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_corp
     va = [r["val_loss"] for r in read_metrics(tmp_path / "one") if "val_loss" in r]
     vb = [r["val_loss"] for r in read_metrics(tmp_path / "two") if "val_loss" in r]
     assert va == pytest.approx(vb, abs=1e-4)
+
+
+def test_compiled_model_saves_plain_parameter_names(tmp_path):
+    from slmkit.checkpoint import model_tensors
+    from slmkit.config import ModelConfig
+    from slmkit.model import GPT
+
+    model = GPT(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    compiled = torch.compile(model)  # compilation is lazy: wrapping alone costs nothing
+    names = set(model_tensors(compiled))
+    assert names == set(model_tensors(model)) and not any("_orig_mod" in n for n in names)
