@@ -122,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lm = load(args.run, args.device, args.dtype, args.checkpoint)
     gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        stop=tuple(args.stop or ()), stop_at_eot=not args.no_eot_stop, seed=args.seed,
+        stop=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or ()),
+        stop_at_eot=not args.no_eot_stop, seed=args.seed,
         num_samples=args.num_samples, use_cache=not args.no_cache,
     )
     gen.validate()
@@ -316,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--stop", action="append", help="stop a sample at this string (repeatable)")
+    p.add_argument("--stop", action="append",
+                   help="stop a sample at this string (repeatable; \\n and \\t mean newline and tab)")
     p.add_argument("--no-eot-stop", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--no-cache", action="store_true", help="disable the KV cache (slow; for comparison)")
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
