@@ -28,6 +28,7 @@ from slmkit.tokenizers import (
     CharTokenizer,
     HFByteLevelTokenizer,
     Tokenizer,
+    has_named_tokenizer,
     load_tokenizer,
     named_tokenizer,
     save_tokenizer,
@@ -169,7 +170,9 @@ def build_tokenizer(data: DataConfig, train_text: str, full_text: str, progress:
     if data.tokenizer == "bpe":
         chunks = chunk_text(train_text, 1 << 16)
         return HFByteLevelTokenizer.train(iter(chunks), data.vocab_size, show_progress=progress)
-    return named_tokenizer(data.tokenizer, data.vocab_dir)  # registered kinds (gpt1); unknown names raise
+    if has_named_tokenizer(data.tokenizer):  # kinds registered by other modules (gpt1)
+        return named_tokenizer(data.tokenizer, data.vocab_dir)
+    raise UserError(f"unknown tokenizer {data.tokenizer!r}; use char, bpe or gpt2")
 
 
 @dataclass

@@ -297,6 +297,11 @@ def _import_kind(kind: Any) -> None:
         importlib.import_module(_KIND_MODULES[kind])
 
 
+def has_named_tokenizer(name: str) -> bool:
+    _import_kind(name)
+    return name in NAMED_TOKENIZERS
+
+
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     kind = d.get("kind") if isinstance(d, dict) else None
     _import_kind(kind)

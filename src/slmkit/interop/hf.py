@@ -230,6 +230,9 @@ def read_hf_tokenizer(d: Path, family: str) -> Tokenizer:
         if model.get("type") != "BPE" or "ByteLevel" not in pre:
             raise UserError(f"{d / 'tokenizer.json'} is not a byte-level BPE tokenizer")
         return HFByteLevelTokenizer(HFTokenizer.from_file(str(d / "tokenizer.json")))
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        raise UserError(f"the ids in {d / 'vocab.json'} are not GPT-2 merge ranks; add the tokenizer.json "
+                        "that goes with them")
     raise UserError(f"{d} holds no GPT-2 tokenizer files (vocab.json + merges.txt, or tokenizer.json)")
 
 
