@@ -104,15 +104,21 @@ def resume_config(run_dir: Path, flags: dict[str, dict[str, Any]]) -> RunConfig:
     return cfg
 
 
-def _read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt_file:
-        if args.prompt_file == "-":
-            return sys.stdin.read()
-        p = Path(args.prompt_file)
-        if not p.is_file():
-            raise UserError(f"prompt file not found: {p}")
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file, or standard input for '-'."""
+    if path == "-":
+        return sys.stdin.read()
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"file not found: {p}")
+    try:
         return p.read_text(encoding="utf-8")
-    return args.prompt or ""
+    except UnicodeDecodeError:
+        raise UserError(f"{p} is not UTF-8 text") from None
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    return read_text_file(args.prompt_file) if args.prompt_file else (args.prompt or "")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -183,15 +189,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def _read_text_arg(args: argparse.Namespace) -> str:
     if args.file:
-        if args.file == "-":
-            return sys.stdin.read()
-        p = Path(args.file)
-        if not p.is_file():
-            raise UserError(f"file not found: {p}")
-        try:
-            return p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{p} is not UTF-8 text") from None
+        return read_text_file(args.file)
     if args.text is None:
         raise UserError("give the text with --text or --file")
     return args.text
