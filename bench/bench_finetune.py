@@ -7,6 +7,11 @@ Inputs are synthetic (random words of a char vocabulary) so that the numbers nee
 each text segment is --seg-len tokens long. Similarity runs 2 sequences per example, multiple
 choice --choices; all of them go through the transformer in one call per batch. The "looped"
 figure evaluates multiple choice one example at a time, for comparison with batched evaluation.
+
+Each figure is given twice: per wall-clock second, and per CPU second of this process
+(`*_per_cpu_s`, from time.process_time). On a machine shared with other jobs, whose processes get
+paused and resumed, the CPU-second figure is the stable one (with --threads 1 it is the speed of
+one core).
 """
 
 from __future__ import annotations
@@ -95,12 +100,12 @@ def main() -> None:
                      "tokens_per_sequence": int(np.mean([len(s) for e in train_enc for s in e.seqs]))}
         for lm_coef in (0.5, 0.0):
             model.train()
-            times = []
+            times, cpu = [], []
             for step in range(args.steps + 1):  # step 0 warms up
                 batch = collate(train_enc[step * args.batch_size:(step + 1) * args.batch_size]).to(device)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with autocast(device, dtype):
                     loss, _, _ = model.loss(batch, lm_coef)
                 loss.backward()
@@ -111,19 +116,23 @@ def main() -> None:
                     torch.cuda.synchronize()
                 if step:
                     times.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
             row[f"train_examples_per_s_lm{lm_coef}"] = round(args.batch_size / float(np.median(times)), 1)
+            row[f"train_examples_per_cpu_s_lm{lm_coef}"] = round(args.batch_size / float(np.median(cpu)), 1)
         eval_enc, _ = encode_examples(spec, tok, make_examples(args.eval_examples, family, args.seg_len,
                                                                args.choices, rng), args.block_size)
         run_outputs(model, spec, eval_enc[: args.batch_size], args.batch_size, device, dtype)  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run_outputs(model, spec, eval_enc, 64, device, dtype)
         row["eval_examples_per_s"] = round(len(eval_enc) / (time.perf_counter() - t0), 1)
+        row["eval_examples_per_cpu_s"] = round(len(eval_enc) / (time.process_time() - c0), 1)
         if family == "multiple_choice":
             few = eval_enc[:32]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for e in few:
                 run_outputs(model, spec, [e], 1, device, dtype)
             row["eval_examples_per_s_looped"] = round(len(few) / (time.perf_counter() - t0), 1)
+            row["eval_examples_per_cpu_s_looped"] = round(len(few) / (time.process_time() - c0), 1)
         report["families"][family] = row
     print(json.dumps(report, indent=2))
 

@@ -287,7 +287,7 @@ TOKENIZER_KINDS: dict[str, Any] = {
 # Named tokenizers that live in other modules: name -> loader(vocab_dir) (filled in by those modules).
 NAMED_TOKENIZERS: dict[str, Any] = {}
 # Where a kind that registers itself is defined, imported on first use.
-_KIND_MODULES = {"gpt1": "slmkit.interop.gpt1_tokenizer"}
+_KIND_MODULES = {"gpt1": "slmkit.interop.gpt1_tokenizer", "with-specials": "slmkit.finetune.heads"}
 
 
 def _import_kind(kind: Any) -> None:

@@ -29,6 +29,7 @@ def _spec(args: argparse.Namespace):
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    _set_threads(args)
     spec = _spec(args)
     d = FinetuneConfig()
     cfg = FinetuneConfig(
@@ -54,6 +55,7 @@ def _open_out(path: str | None):
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    _set_threads(args)
     ft = FineTuned.load(args.run, args.device, args.dtype)
     read = read_examples(ft.spec, args.input, require_label=False, fmt="plain" if args.plain else None)
     if read.report():
@@ -69,6 +71,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    _set_threads(args)
     ft = FineTuned.load(args.run, args.device, args.dtype)
     result = ft.evaluate(args.data, args.batch_size)
     payload = {"task": ft.spec.name, "data": str(args.data), **result}
@@ -84,6 +87,17 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="compute precision (auto = bf16 where it is fast)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = torch's default (1 is often fastest on a busy shared machine)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads < 0:
+        raise UserError(f"--threads must not be negative, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", required=True, help="training file")
     p.add_argument("--dev", required=True, help="development file (best epoch is chosen on it)")
     p.add_argument("--test", help="optional test file, scored once with the best-on-dev checkpoint")
-    p.add_argument("--out-dir", help="run directory (default: runs/ft-TASK)")
+    p.add_argument("--out-dir", help="run directory (runs/ft-TASK when not given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing fine-tuned run in --out-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     h = p.add_argument_group("hyperparameters (defaults: GPT-1's)")
@@ -112,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lambda of the auxiliary LM objective (L3 = L2 + lambda L1); 0 = off")
     h.add_argument("--clf-dropout", type=float, default=d.clf_dropout, help="dropout before the linear head")
     h.add_argument("--dropout", type=float, default=None,
-                   help="transformer dropout (default: the pre-trained model's)")
+                   help="transformer dropout (when not given: the pre-trained model's)")
     h.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on weight matrices")
     h.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip; 0 = off")
     h.add_argument("--max-len", type=int, default=0,
@@ -144,7 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="file in the task's format ('-' = stdin); the label may be absent")
     p.add_argument("--plain", action="store_true",
                    help="input is one example per line: tab-separated texts (then answers), no header")
-    p.add_argument("--output", help="write the JSON lines here (default: stdout)")
+    p.add_argument("--output", help="write the JSON lines to this file instead of stdout")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     _device_args(p)
     p.set_defaults(func=cmd_predict)

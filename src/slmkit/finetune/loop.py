@@ -411,16 +411,19 @@ def plot_finetune(run_dir: Path, spec: TaskSpec) -> None:
 
     records = [json.loads(ln) for ln in (run_dir / METRICS_FILE).read_text().splitlines() if ln.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    task = [(r["step"], r["task_loss"]) for r in records if "task_loss" in r and "lm_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss (L3)", alpha=0.7)
+        ax.plot(*zip(*train, strict=True), color="C0", label="train loss (L3)", alpha=0.7)
+    if task:  # with the auxiliary LM on, L3 is mostly L1: show the task loss L2 too
+        ax.plot(*zip(*task, strict=True), "--", color="C0", label="task loss (L2)", alpha=0.7)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
-    for m in spec.metrics:
+    for i, m in enumerate(spec.metrics):
         pts = [(r["step"], r[f"dev_{m}"]) for r in records if f"dev_{m}" in r]
         if pts:
-            ax2.plot(*zip(*pts, strict=True), "o-", label=f"dev {m}")
+            ax2.plot(*zip(*pts, strict=True), "o-", color=f"C{i + 1}", label=f"dev {m}")
     ax2.set_ylabel("dev metric")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()

@@ -101,8 +101,9 @@ def encode_example(spec: TaskSpec, tokenizer: Tokenizer, ex: Example, max_len: i
     budget = max_len - 3
     longest = max(len(a) for a in answers)
     cut = len(context) + longest > budget
-    keep = max(0, budget - longest)
-    context = context[len(context) - keep :] if keep else []
+    if cut:
+        keep = max(0, budget - longest)
+        context = context[len(context) - keep :] if keep else []
     seqs = [[s, *context, d, *a[: budget - len(context)], e] for a in answers]
     return Encoded(seqs, ex.label, cut)
 
