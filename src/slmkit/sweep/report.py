@@ -77,7 +77,8 @@ def collect_rows(sweep_dir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
         runs = [(d, m) for d in run_dirs if (m := run_metrics(d)) is not None]
         row: dict[str, Any] = {"trial": t.number, "state": STATE_NAMES.get(t.state.name, t.state.name.lower()),
                                **values, "run_dir": str(run_dirs[0].relative_to(sweep_dir)),
-                               "seeds": len(runs), "error": t.user_attrs.get("error", "")}
+                               "seeds": len(runs), "error": t.user_attrs.get("error", ""),
+                               "stopped_by_budget": bool(t.user_attrs.get("stopped_by_budget", False))}
         if runs:
             ms = [m for _, m in runs]
             row["params_M"] = (ms[0]["params"] or 0) / 1e6
@@ -122,6 +123,8 @@ def markdown_table(spec, rows: list[dict[str, Any]]) -> str:
         if best is not None and r is best:
             val = f"**{val}**"
         state = r["state"] + (f": {r['error'][:80]}" if r["state"] == "failed" and r["error"] else "")
+        if r["stopped_by_budget"]:
+            state += " (cut at the time budget)"
         cells = [str(r["trial"]), *[str(r[n]) for n in names],
                  f"{r['params_M']:.3f}" if "params_M" in r else "",
                  _pm(r, "tokens_per_s", ",.0f", k), _pm(r, "wall_s", ".1f", k),
@@ -135,7 +138,7 @@ def csv_text(spec, rows: list[dict[str, Any]]) -> str:
     names = [p.name for p in spec.params]
     cols = ["trial", "state", *names, "params_M", "tokens_per_s", "wall_s", "steps", "best_val_loss",
             "best_val_loss_std", "final_train_loss", "final_train_loss_std", "gap", "gap_std",
-            "seeds", "run_dir", "error"]
+            "seeds", "stopped_by_budget", "run_dir", "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -185,7 +188,7 @@ def plot_curves(rows, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str) -> None:
+def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelope: bool = True) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     pts = [r for r in rows if "best_val_loss" in r and r.get(x_key) is not None and r["state"] != "failed"]
@@ -206,13 +209,17 @@ def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str) -> None
     by_x: dict[Any, float] = {}
     for r in pts:
         by_x[xv(r)] = min(by_x.get(xv(r), math.inf), r["best_val_loss"])
-    if len(by_x) > 1:
+    if envelope and len(by_x) > 1:
         xs = sorted(by_x)
         ax.plot(xs, [by_x[x] for x in xs], "-", color="gray", alpha=0.6, label="best at this value")
     if best is not None and best in pts:
         ax.plot([xv(best)], [best["best_val_loss"]], "*", ms=16, color="crimson", label=f"best (trial {best['trial']})")
     if log_x and numeric:
+        from matplotlib.ticker import FormatStrFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
     if not numeric:
         ax.set_xticks(range(len(cats)), cats)
     ax.set_xlabel(xlabel)
@@ -235,7 +242,7 @@ def _save(fig, path: Path) -> None:
 def make_plots(spec, rows, out: Path) -> list[Path]:
     paths = [out / "val_curves.png", out / "val_vs_params.png"]
     plot_curves(rows, paths[0])
-    plot_against(rows, "params_M", paths[1], True, "parameters (M)")
+    plot_against(rows, "params_M", paths[1], True, "parameters (M)", envelope=False)
     for p in spec.params:
         path = out / f"val_vs_{p.name}.png"
         plot_against(rows, p.name, path, p.log_axis, p.name + (" (log)" if p.log_axis else ""))

@@ -13,8 +13,8 @@ How trials are handed out, so that parallel workers never run a trial twice:
 
 Equal compute (`--trial-seconds S`): before a trial, a few real optimizer steps and one evaluation
 are timed, and max_iters is set to the steps that fit in S seconds, so that every trial runs its
-whole warmup + cosine schedule within the same wall time. A guard stops a trial at an evaluation
-if it would run past S (for example when the machine gets busier).
+whole warmup + cosine schedule within the same wall time. If the machine gets busier, a guard
+stops a trial at the first evaluation after S seconds unless its schedule ends within 1.25 x S.
 """
 
 from __future__ import annotations
@@ -289,11 +289,14 @@ def plan_iters(cfg: RunConfig, data, seconds: float) -> tuple[int, float]:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(probe, Path(tmp), data)
         trainer.train_step(0)  # first step: allocation and kernel warm-up, not timed
-        n, start = 0, time.perf_counter()
-        while n < 3 or (time.perf_counter() - start < 1.0 and n < 50):
-            trainer.train_step(n + 1)
-            n += 1
-        step_s = (time.perf_counter() - start) / n
+        times: list[float] = []
+        start = time.perf_counter()
+        probe_s = min(5.0, max(2.0, 0.03 * seconds))  # long enough to average a busy moment out
+        while len(times) < 3 or (time.perf_counter() - start < probe_s and len(times) < 200):
+            t0 = time.perf_counter()
+            trainer.train_step(len(times) + 1)
+            times.append(time.perf_counter() - t0)
+        step_s = sorted(times)[len(times) // 2]  # the median: robust to a busy moment on a shared machine
         start = time.perf_counter()
         trainer.fixed_loss(trainer.val_tokens, trainer._val_offsets)
         trainer.fixed_loss(trainer.train_tokens, trainer._train_eval_offsets)
@@ -303,10 +306,16 @@ def plan_iters(cfg: RunConfig, data, seconds: float) -> tuple[int, float]:
 
 
 class BudgetGuard:
-    """on_eval hook: report to Optuna (pruning) and stop before the time budget runs out."""
+    """on_eval hook: report to Optuna (pruning), and stop a trial that fell behind its time budget.
 
-    def __init__(self, trial, report: bool, seconds: float | None, eval_interval: int, on_progress=None):
-        self.trial, self.report, self.seconds, self.eval_interval = trial, report, seconds, eval_interval
+    The schedule was sized to fit the budget. Once the budget is spent, a trial whose schedule is
+    not done goes on only if, at its pace so far, it ends within OVERRUN x budget; otherwise it
+    stops at this evaluation (a busier machine, not a bigger model, made it late)."""
+
+    OVERRUN = 1.25
+
+    def __init__(self, trial, report: bool, seconds: float | None, max_iters: int, on_progress=None):
+        self.trial, self.report, self.seconds, self.max_iters = trial, report, seconds, max_iters
         self.start = time.perf_counter()
         self.stopped_by_budget = False
         self.on_progress = on_progress
@@ -320,10 +329,10 @@ class BudgetGuard:
             self.trial.report(val_loss, step)
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
-        if self.seconds is not None:
+        if self.seconds is not None and step < self.max_iters:
             elapsed = time.perf_counter() - self.start
-            next_eval = elapsed + elapsed / step * self.eval_interval
-            if next_eval > self.seconds * 1.1:
+            at_end = elapsed + elapsed / step * (self.max_iters - step)
+            if elapsed >= self.seconds and at_end > self.seconds * self.OVERRUN:
                 self.stopped_by_budget = True
                 return True
         return False
@@ -390,7 +399,7 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
                 run_dir = trial_run_dir(sweep_dir, trial.number, i, spec.seeds)
                 runs.append(str(run_dir.relative_to(sweep_dir)))
                 trial.set_user_attr("run_dirs", runs)
-                guard = BudgetGuard(trial, spec.prune and i == 0, spec.trial_seconds, cfg.train.eval_interval,
+                guard = BudgetGuard(trial, spec.prune and i == 0, spec.trial_seconds, cfg.train.max_iters,
                                     on_progress)
                 # No full-split evaluation at the end: the objective is the fixed validation subset.
                 result = train(run_cfg, run_dir, overwrite=True, progress=False, prepared_dir=prepared_dir,
