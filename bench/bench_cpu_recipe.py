@@ -16,7 +16,7 @@ from slmkit.train import train
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cpu-tiny")
+    ap.add_argument("--preset", default="cpu-fast")
     ap.add_argument("--data-path", default=str(SHARED_DATA / "tinyshakespeare" / "input.txt"))
     ap.add_argument("--max-iters", type=int, default=0, help="0 = the preset's")
     ap.add_argument("--out-dir", default="")

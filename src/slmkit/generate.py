@@ -2,8 +2,8 @@
 a KV cache, and text streamed as it is produced.
 
 GPT-1 generates "until the [end] token is predicted or the maximum input size is reached"; here
-the maximum is --max-new-tokens, and a sequence longer than the context keeps its last
-block_size tokens (the cache is then rebuilt from that window).
+the maximum is --max-new-tokens, and a sequence longer than the context slides its window
+(the cache is then rebuilt from the tokens kept).
 """
 
 from __future__ import annotations
@@ -80,20 +80,27 @@ def generate_ids(
     eot_id: int | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time. With the cache, the prompt is run once (prefill) and
-    each later token costs one single-position step."""
+    each later token costs one single-position step.
+
+    The model sees the tokens from `start` on. When they no longer fit in the context, the window
+    slides forward by a quarter of the context at once and the cache is rebuilt from the kept
+    tokens: one prefill per block_size/4 new tokens instead of one per token. The uncached path
+    uses the very same windows, so both give the same tokens.
+    """
     if not prompt_ids:
         raise UserError("the prompt is empty: give at least one token (or character)")
     block = model.config.block_size
+    shift = max(1, block // 4)
     seq = list(prompt_ids)
+    start = max(0, len(seq) - block)
     cache = model.new_cache() if gen.use_cache else None
-    pending = seq[-block:]  # tokens not yet in the cache
     for _ in range(gen.max_new_tokens):
-        if cache is not None and cache.length + len(pending) > block:
-            cache.reset()  # outgrew the context: rebuild from the last block_size tokens
-            pending = seq[-block:]
-        if cache is None:
-            pending = seq[-block:]
-        x = torch.tensor([pending], dtype=torch.long, device=device)
+        if len(seq) - start > block:
+            start = len(seq) - (block - shift)
+            if cache is not None:
+                cache.reset()
+        fed = start + (cache.length if cache is not None else 0)
+        x = torch.tensor([seq[fed:]], dtype=torch.long, device=device)
         with autocast(device, dtype):
             logits, _ = model(x, cache=cache, last_only=True)
         logits = logits[0, -1].float()
@@ -104,7 +111,6 @@ def generate_ids(
         if gen.stop_at_eot and eot_id is not None and tid == eot_id:
             return
         seq.append(tid)
-        pending = [tid]
 
 
 def generate_stream(
