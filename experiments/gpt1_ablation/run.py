@@ -7,6 +7,7 @@
 3. Write results.json, results.md (the dev-metric table) and ablation.png into --out.
 
     python experiments/gpt1_ablation/run.py                 # CPU scale: ~25 min on 2 cores
+    python experiments/gpt1_ablation/run.py --scale cpu-long  # ~4x the model, ~1 corpus epoch (quiet CPU)
     python experiments/gpt1_ablation/run.py --scale gpu     # bigger model, full train sets
 
 The CPU scale subsamples the training sets (max_train per task below), caps sequences at 96
@@ -45,6 +46,16 @@ SCALES = {
                       eval_iters=10, log_interval=100, weight_decay=0.01, sample_tokens=0),
         "finetune": dict(learning_rate=1e-3, batch_size=16, epochs=3, max_len=96),
         "max_train": {"sst2": 2000, "rte": 500, "mrpc": 500, "stsb": 1000, "storycloze": 500},
+    },
+    # A longer CPU run for a quiet 2-core machine (~25 min): 4x the model, ~1 epoch of the corpus
+    # (7.7M tokens), twice the fine-tuning examples.
+    "cpu-long": {
+        "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=96, dropout=0.1, ln="pre"),
+        "data": dict(vocab_size=2048, val_fraction=0.02),
+        "train": dict(batch_size=32, max_iters=2500, learning_rate=3e-3, warmup_iters=100, eval_interval=500,
+                      eval_iters=10, log_interval=100, weight_decay=0.01, sample_tokens=0),
+        "finetune": dict(learning_rate=1e-3, batch_size=16, epochs=3, max_len=96),
+        "max_train": {"sst2": 4000, "rte": 1000, "mrpc": 1000, "stsb": 2000, "storycloze": 1000},
     },
     # ~10M parameters and the full training sets: for one GPU (minutes on an H100).
     "gpu": {
