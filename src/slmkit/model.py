@@ -22,6 +22,68 @@ import torch.nn.functional as F
 from slmkit.config import ModelConfig
 
 
+class _ScaleByMask(torch.autograd.Function):
+    """y = x * mask * scale; the gradient takes the same mask and scale (dropout's backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return torch.mul(x, mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return torch.mul(grad, mask).mul_(ctx.scale), None, None
+
+
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with a far cheaper mask than PyTorch's CPU kernel, from the same generator.
+
+    torch's CPU dropout draws one Bernoulli sample per element and multiplies by a bool mask: 20 ms
+    for a 32x256x384 bf16 activation, 14% of a shakespeare-char training step. Here 64-bit random
+    words are cut into one integer slice per element (16 bits for bf16, 32 for fp32), and a few
+    in-place integer ops turn each slice into the bit pattern of 0.0 or 1.0 in x's own dtype: 3 ms
+    forward, 0.5 ms backward. `random_` leaves each word's sign bit at 0, so only the low
+    width-1 bits of each slice are used; p is rounded to a multiple of 2^-(width-1) (2^-15 for
+    bf16) and the scale uses the rounded value, so the expectation stays exact.
+    """
+    int_dtype = _INT_OF_SIZE[x.element_size()]
+    bits = 8 * x.element_size() - 1
+    levels = 1 << bits
+    dropped = round(p * levels)
+    if dropped >= levels:
+        return F.dropout(x, p, training=True)
+    n = x.numel()
+    words = torch.empty((n * x.element_size() + 7) // 8, dtype=torch.int64, device=x.device).random_()
+    draws = words.view(int_dtype)[:n].view(x.shape) & (levels - 1)
+    one = torch.ones((), dtype=x.dtype).view(int_dtype).item()
+    # (draw - dropped) >> bits is -1 (all ones) where draw < dropped, else 0: invert, keep 1.0's bits.
+    mask = draws.sub_(dropped).bitwise_right_shift_(bits).bitwise_not_().bitwise_and_(one).view(x.dtype)
+    return _ScaleByMask.apply(x, mask, levels / (levels - dropped))
+
+
+class Dropout(nn.Module):
+    """nn.Dropout, with `cpu_dropout` on CPU (CUDA's own kernel is already fast)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or x.element_size() not in _INT_OF_SIZE:
+            return F.dropout(x, self.p, training=True)
+        return cpu_dropout(x, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so each new token costs one step.
 
@@ -60,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = cfg.attention_dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -86,9 +148,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_width, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # the GELU of GPT-1/GPT-2
+        # GPT-1/GPT-2 use the tanh approximation; exact (erf) GELU, nanoGPT's, is 2.3x cheaper in bf16 on CPU.
+        self.gelu = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
         self.c_proj = nn.Linear(cfg.mlp_width, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -136,7 +199,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
                 wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
+                drop=Dropout(cfg.dropout),
                 h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             )
         )

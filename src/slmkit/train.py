@@ -37,6 +37,7 @@ from slmkit.runtime import (
     autocast,
     barrier,
     init_distributed,
+    keep_freed_memory_for_reuse,
     resolve_dtype,
     shutdown_distributed,
 )
@@ -124,6 +125,8 @@ class Trainer:
         t = cfg.train
         self.ddp, self.device = init_distributed(t.device)
         self.dtype = resolve_dtype(t.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()
         self.tokenizer = data.tokenizer
         cfg.model.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
@@ -139,7 +142,7 @@ class Trainer:
         self.params = self.model.num_params()
         self.optimizer = torch.optim.AdamW(
             self.model.optimizer_groups(t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
-            fused=self.device.type == "cuda",
+            fused=self.device.type in ("cuda", "cpu"),
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
         self.step, self.best_val = 0, float("inf")

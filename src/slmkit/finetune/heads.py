@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from slmkit.errors import UserError
 from slmkit.finetune.tasks import TaskSpec
 from slmkit.finetune.transforms import ROLES, Batch
-from slmkit.model import GPT
+from slmkit.model import GPT, Dropout
 from slmkit.tokenizers import DELIM, EXTRACT, SPECIAL_ROLES, START, TOKENIZER_KINDS, Tokenizer, tokenizer_from_dict
 
 ROLE_TOKENS = {"start": START, "delim": DELIM, "extract": EXTRACT}
@@ -132,7 +132,7 @@ class FineTuneModel(nn.Module):
         super().__init__()
         self.gpt = gpt
         self.spec = spec
-        self.dropout = nn.Dropout(clf_dropout)
+        self.dropout = Dropout(clf_dropout)
         self.head = nn.Linear(gpt.config.n_embd, spec.num_outputs)
         nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.head.bias)

@@ -87,11 +87,13 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise UserError(f"config.json has no {key}")
         return hf.get(key, default)
 
+    gelu = "tanh"
     if family == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in TANH_GELUS:
-            raise UserError(f"config.json activation_function {act!r} is not supported: slmkit's GPT uses the "
-                            "tanh GELU (gelu_new)")
+        if act not in (*TANH_GELUS, "gelu"):
+            raise UserError(f"config.json activation_function {act!r} is not supported: slmkit's GPT has the "
+                            "tanh GELU (gelu_new) or the exact one (gelu)")
+        gelu = "exact" if act == "gelu" else "tanh"
         for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False),
                         ("scale_attn_weights", True)):
             if hf.get(key, ok) != ok:
@@ -106,7 +108,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         vocab_size=int(get("vocab_size")), block_size=int(get("n_positions")), n_layer=int(get("n_layer")),
         n_head=int(get("n_head")), n_embd=int(get("n_embd")), n_inner=int(n_inner),
         dropout=float(hf.get("resid_pdrop", 0.0)), bias=True, ln="pre" if family == "gpt2" else "post",
-        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), gelu=gelu,
     )
 
 
@@ -336,12 +338,15 @@ def hf_config_for(m: ModelConfig, tok: Tokenizer | None) -> dict[str, Any]:
               "dtype": "float32"}
     if m.ln == "pre":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
-                "n_inner": m.n_inner or None, "activation_function": "gelu_new",
+                "n_inner": m.n_inner or None, "activation_function": "gelu_new" if m.gelu == "tanh" else "gelu",
                 "bos_token_id": eot, "eos_token_id": eot}
     if m.mlp_width != 4 * m.n_embd:
         raise UserError(f"HF openai-gpt has a fixed MLP width of 4 x n_embd = {4 * m.n_embd}; this model's is "
                         f"{m.mlp_width}, which no Hugging Face class loads without custom code")
     # afn "gelu" is the tanh GELU in HF's openai-gpt code (its ACT_FNS maps it to gelu_new).
+    if m.gelu != "tanh":
+        raise UserError("HF openai-gpt has only the tanh GELU; this model uses the exact one (export a pre-LN "
+                        "model to GPT-2's format, which has both)")
     return {"architectures": ["OpenAIGPTLMHeadModel"], "model_type": "openai-gpt", **common, "afn": "gelu"}
 
 
