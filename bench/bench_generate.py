@@ -5,6 +5,7 @@
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--skip-no-cache", action="store_true")
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs with the cache; the median is reported")
+    ap.add_argument("--weights", default="auto", choices=("auto", "int8"), help="as slm generate --weights")
     args = ap.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -44,11 +47,17 @@ def main() -> None:
         torch.manual_seed(0)
         model = GPT(cfg).to(device).eval()
     prompt = list(range(args.prompt_tokens))
-    gen = GenerationConfig(max_new_tokens=args.tokens, temperature=1.0, top_k=50, stop_at_eot=False)
-    timed(model, prompt, GenerationConfig(max_new_tokens=20, temperature=0), device, dtype)  # warm up
+    gen = GenerationConfig(max_new_tokens=args.tokens, temperature=1.0, top_k=50, stop_at_eot=False,
+                           weights=args.weights)
+    warm = GenerationConfig(max_new_tokens=20, temperature=0, weights=args.weights)
+    timed(model, prompt, warm, device, dtype)  # warm up (and prepare the decoding copy of the weights)
     result = {"bench": "generate", "preset": args.run or args.preset, "tokens": args.tokens,
               "block_size": model.config.block_size, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-              "kv_cache_tokens_per_s": round(timed(model, prompt, gen, device, dtype), 1)}
+              "weights": args.weights, "threads": torch.get_num_threads(),
+              "repeat": args.repeat}
+    runs = [timed(model, prompt, gen, device, dtype) for _ in range(args.repeat)]
+    result["kv_cache_tokens_per_s"] = round(statistics.median(runs), 1)
+    result["kv_cache_tokens_per_s_range"] = [round(min(runs), 1), round(max(runs), 1)]
     if not args.skip_no_cache:
         gen.use_cache = False
         result["no_cache_tokens_per_s"] = round(timed(model, prompt, gen, device, dtype), 1)

@@ -25,12 +25,18 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--vocab-size", type=int, default=65)
     ap.add_argument("--dropout", type=float, default=-1.0, help="override the preset's dropout")
+    ap.add_argument("--attn-dropout", type=float, default=None, help="override the preset's attention dropout")
+    ap.add_argument("--gelu", choices=("tanh", "exact"), help="override the preset's GELU")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is not timed)")
     args = ap.parse_args()
     cfg = preset_config(args.preset)
     cfg.model.vocab_size = cfg.model.vocab_size or args.vocab_size
     if args.dropout >= 0:
         cfg.model.dropout = args.dropout
+    if args.attn_dropout is not None:
+        cfg.model.attn_dropout = args.attn_dropout
+    if args.gelu:
+        cfg.model.gelu = args.gelu
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cpu":
@@ -61,6 +67,7 @@ def main() -> None:
           "batch_size": B, "block_size": T, "dropout": cfg.model.dropout, "device": str(device),
           "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
           "grad_accum": accum, "compile": args.compile, "attn_dropout": cfg.model.attention_dropout,
+          "gelu": cfg.model.gelu,
           "ms_per_iter": round(dt * 1000, 1), "tokens_per_s": round(B * T * accum / dt), "peak_rss_mb": peak_rss_mb()})
 
 

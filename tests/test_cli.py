@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, shared_file
 
 from slmkit.cli import main
+from slmkit.inference import can_quantize_int8
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
         "--eval-iters", "2", "--device", "cpu", "--dtype", "float32", "--learning-rate", "3e-3",
@@ -65,6 +67,19 @@ def test_eval_json_is_deterministic(run_dir, capsys):
     b = json.loads(run_cli(["eval", "--run", run_dir, "--json"], capsys).out)
     assert a == b and a["split"] == "val" and a["loss"] > 0
     assert a["perplexity"] == pytest.approx(2.718281828 ** a["loss"], rel=1e-6)
+
+
+@pytest.mark.skipif(not can_quantize_int8(torch.device("cpu")), reason="this torch has no int8 weight kernel")
+def test_int8_weights_for_eval_score_and_generate(run_dir, capsys):
+    exact = json.loads(run_cli(["eval", "--run", run_dir, "--json", "--dtype", "float32"], capsys).out)
+    int8 = json.loads(run_cli(["eval", "--run", run_dir, "--json", "--weights", "int8"], capsys).out)
+    assert int8["loss"] != exact["loss"] and abs(int8["loss"] - exact["loss"]) < 0.05
+    score = json.loads(run_cli(["score", "--run", run_dir, "--json", "--weights", "int8", "--text", "the night"],
+                               capsys).out)
+    assert score["tokens"] > 0 and score["loss"] > 0
+    out = run_cli(["generate", "--run", run_dir, "--prompt", "the night", "--temperature", "0",
+                   "--max-new-tokens", "25", "--weights", "int8"], capsys).out
+    assert out.startswith("the night") and len(out) == len("the night") + 25 + 1
 
 
 def test_score_reports_totals_and_per_token_logprobs(run_dir, capsys):

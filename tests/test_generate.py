@@ -5,6 +5,7 @@ import torch
 
 from slmkit.config import ModelConfig
 from slmkit.generate import GenerationConfig, filter_logits, generate_ids, generate_stream
+from slmkit.inference import Int8Linear, PackedLinear, can_prepack, can_quantize_int8, decoding_model
 from slmkit.model import GPT
 from slmkit.tokenizers import CharTokenizer, HFByteLevelTokenizer
 
@@ -37,6 +38,32 @@ def test_cached_logits_match_full_forward(model):
     assert torch.allclose(full, stepwise, atol=1e-5)
 
 
+@pytest.mark.skipif(not can_prepack(torch.float32), reason="this torch build has no oneDNN linear")
+def test_decoding_model_is_packed_matches_the_model_and_follows_weight_changes():
+    model = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    x = torch.randint(0, 40, (2, 12))
+    fast = decoding_model(model, torch.device("cpu"), torch.float32)
+    assert fast is not model and isinstance(fast.transformer.h[0].mlp.c_fc, PackedLinear)
+    torch.testing.assert_close(fast(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+    assert decoding_model(model, torch.device("cpu"), torch.float32) is fast  # cached
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2)  # as an optimizer step would
+    fresh = decoding_model(model, torch.device("cpu"), torch.float32)
+    assert fresh is not fast
+    torch.testing.assert_close(fresh(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not can_prepack(torch.bfloat16), reason="no bf16 oneDNN linear on this CPU")
+def test_bf16_decoding_stays_close_to_fp32(model):
+    x = torch.randint(0, 40, (1, 12))
+    fast = decoding_model(model, torch.device("cpu"), torch.bfloat16)
+    assert fast.transformer.wte.weight.dtype == torch.bfloat16
+    cache = fast.new_cache(torch.float32)
+    stepwise = torch.cat([fast(x[:, :6], cache=cache)[0], *(fast(x[:, i : i + 1], cache=cache)[0]
+                                                           for i in range(6, 12))], dim=1)
+    assert (stepwise.float() - model(x)[0]).abs().max().item() < 0.05
+
+
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     k2 = filter_logits(logits, top_k=2, top_p=1.0)
@@ -62,8 +89,8 @@ class AlwaysNext(torch.nn.Module):
         self.script, self.vocab, self.i = list(script), vocab, 0
         self.config = ModelConfig(vocab_size=vocab, block_size=64)
 
-    def new_cache(self):
-        return GPT.new_cache(self)
+    def new_cache(self, dtype=None):
+        return GPT.new_cache(self, dtype)
 
     def forward(self, x, cache=None, last_only=False):
         if cache is not None:
@@ -98,3 +125,16 @@ def test_streaming_yields_whole_characters_for_multibyte_text():
                                   gen=GenerationConfig(max_new_tokens=len(script), temperature=0)))
     assert "".join(pieces) == "né ✓ 日"
     assert all("\ufffd" not in p for p in pieces) and len(pieces) > 3
+
+
+@pytest.mark.skipif(not can_quantize_int8(torch.device("cpu")), reason="this torch has no int8 weight kernel")
+def test_int8_linear_is_within_a_percent_of_the_float_one():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(384, 1536)
+    x = torch.randn(4, 3, 384)
+    q = Int8Linear(linear)
+    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.abs().max() == 127
+    ref = linear(x)
+    got = q(x)
+    assert got.shape == ref.shape
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 0.01

@@ -17,6 +17,7 @@ import numpy as np
 from slmkit.checkpoint import Checkpoint, load_model
 from slmkit.evaluation import LMScore, score_tokens, token_logprobs
 from slmkit.generate import GenerationConfig, generate_stream, generate_text
+from slmkit.inference import decoding_model
 from slmkit.model import GPT
 from slmkit.runtime import resolve_device, resolve_dtype
 from slmkit.tokenizers import Tokenizer
@@ -26,10 +27,13 @@ class LanguageModel:
     """A GPT together with its tokenizer, device and precision."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, checkpoint: Checkpoint | None = None,
-                 device: str = "auto", dtype: str = "auto"):
+                 device: str = "auto", dtype: str = "auto", weights: str = "auto"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(self.device).eval()
+        self.weights = weights
+        if weights != "auto":
+            decoding_model(self.model, self.device, self.dtype, weights)  # an unusable format fails here
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
 
@@ -37,14 +41,23 @@ class LanguageModel:
     def config(self):
         return self.model.config
 
+    def _gen_config(self, options: dict) -> GenerationConfig:
+        return replace(GenerationConfig(weights=self.weights), **options)
+
+    def _scoring_model(self) -> GPT:
+        """Scores use the model as trained (autocast), unless int8 weights were asked for."""
+        if self.weights == "auto":
+            return self.model
+        return decoding_model(self.model, self.device, self.dtype, self.weights)
+
     def generate_stream(self, prompt: str = "", **options) -> Iterator[str]:
-        gen = replace(GenerationConfig(), **options)
+        gen = self._gen_config(options)
         ids = self._prompt_ids(prompt)
         yield from generate_stream(self.model, self.tokenizer, gen=gen, device=self.device, dtype=self.dtype,
                                    prompt_ids=ids)
 
     def generate(self, prompt: str = "", **options) -> list[str]:
-        gen = replace(GenerationConfig(), **options)
+        gen = self._gen_config(options)
         return generate_text(self.model, self.tokenizer, gen=gen, device=self.device, dtype=self.dtype,
                              prompt_ids=self._prompt_ids(prompt))
 
@@ -58,7 +71,7 @@ class LanguageModel:
 
     def score_ids(self, ids: list[int], chars: int, batch_size: int = 8) -> tuple[LMScore, np.ndarray]:
         tokens = np.asarray(ids, dtype=np.int64)
-        logp = token_logprobs(self.model, tokens, batch_size, self.device, self.dtype)
+        logp = token_logprobs(self._scoring_model(), tokens, batch_size, self.device, self.dtype)
         return LMScore(nll=float(-logp.sum()), tokens=int(logp.size), chars=chars), logp
 
     def score(self, text: str, prepend_eot: bool = True) -> LMScore:
@@ -76,12 +89,14 @@ class LanguageModel:
         return s, ids, logp
 
     def evaluate_tokens(self, tokens: np.ndarray, chars: int, batch_size: int = 16) -> LMScore:
-        return score_tokens(self.model, tokens, chars, batch_size, self.device, self.dtype)
+        return score_tokens(self._scoring_model(), tokens, chars, batch_size, self.device, self.dtype)
 
 
 def load(
-    run_or_checkpoint: str | Path, device: str = "auto", dtype: str = "auto", which: str = "best"
+    run_or_checkpoint: str | Path, device: str = "auto", dtype: str = "auto", which: str = "best",
+    weights: str = "auto",
 ) -> LanguageModel:
+    """A trained model, ready to generate and score. weights="int8": weight-only int8 (CPU)."""
     model, tokenizer, ckpt = load_model(run_or_checkpoint, "cpu", which)
-    return LanguageModel(model, tokenizer, ckpt, device, dtype)
+    return LanguageModel(model, tokenizer, ckpt, device, dtype, weights)
 

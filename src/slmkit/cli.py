@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from slmkit.config import PRESETS, SECTIONS, RunConfig, resolve_config
+from slmkit.config import PRESETS, SECTIONS, WEIGHT_FORMATS, RunConfig, resolve_config
 from slmkit.errors import UserError
 
 # ----------------------------------------------------------------------------- flag generation
@@ -125,12 +125,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from slmkit.api import load
     from slmkit.generate import GenerationConfig
 
-    lm = load(args.run, args.device, args.dtype, args.checkpoint)
+    lm = load(args.run, args.device, args.dtype, args.checkpoint, args.weights)
     gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         stop=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or ()),
         stop_at_eot=not args.no_eot_stop, seed=args.seed,
-        num_samples=args.num_samples, use_cache=not args.no_cache,
+        num_samples=args.num_samples, use_cache=not args.no_cache, weights=lm.weights,
     )
     gen.validate()
     prompt = _read_prompt(args)
@@ -153,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from slmkit.api import load
     from slmkit.data import open_prepared, prepare
 
-    lm = load(args.run, args.device, args.dtype, args.checkpoint)
+    lm = load(args.run, args.device, args.dtype, args.checkpoint, args.weights)
     cfg = lm.checkpoint.config
     if args.dataset:
         cfg.data.dataset = args.dataset
@@ -173,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from slmkit.api import load
 
-    lm = load(args.run, args.device, args.dtype, args.checkpoint)
+    lm = load(args.run, args.device, args.dtype, args.checkpoint, args.weights)
     text = _read_text_arg(args)
     s, ids, logp = lm.score_text(text, prepend_eot=not args.no_eot)
     payload: dict[str, Any] = {"log_likelihood": -s.nll, **s.as_dict()}
@@ -274,6 +274,9 @@ def _add_model_source(p: argparse.ArgumentParser, required: bool = True) -> None
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="compute precision (default: auto = bf16 where it is fast)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
+                   help="auto: the checkpoint's weights in --dtype; int8: weight-only int8 linears with bf16 "
+                        "activations (CPU only): ~1.3x faster generation, losses within ~0.01 nats (README)")
 
 
 def _add_text_input(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,9 @@ from typing import Any
 
 from slmkit.errors import UserError
 
+# How a trained model's weights are held for generation and scoring (slmkit.inference).
+WEIGHT_FORMATS = ("auto", "int8")
+
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
