@@ -11,7 +11,7 @@ from _common import emit, peak_rss_mb
 
 from slmkit.config import preset_config
 from slmkit.model import GPT
-from slmkit.runtime import autocast, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
+from slmkit.runtime import autocast, can_fuse_adamw, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         keep_freed_memory_for_reuse()  # as the trainer does
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device).train()
-    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, fused=device.type in ("cuda", "cpu"))
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, fused=can_fuse_adamw(device))
     step_model = torch.compile(model) if args.compile else model
     B, T = args.batch_size or cfg.train.batch_size, cfg.model.block_size
     accum = args.grad_accum or cfg.train.grad_accum

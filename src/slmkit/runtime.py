@@ -69,6 +69,11 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def can_fuse_adamw(device: torch.device) -> bool:
+    """torch's fused AdamW kernel (one kernel for all parameters) exists for CUDA and CPU."""
+    return device.type in ("cuda", "cpu")
+
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 

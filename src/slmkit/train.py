@@ -36,6 +36,7 @@ from slmkit.runtime import (
     all_reduce_sum,
     autocast,
     barrier,
+    can_fuse_adamw,
     init_distributed,
     keep_freed_memory_for_reuse,
     resolve_dtype,
@@ -142,7 +143,7 @@ class Trainer:
         self.params = self.model.num_params()
         self.optimizer = torch.optim.AdamW(
             self.model.optimizer_groups(t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
-            fused=self.device.type in ("cuda", "cpu"),
+            fused=can_fuse_adamw(self.device),
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
         self.step, self.best_val = 0, float("inf")

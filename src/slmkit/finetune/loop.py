@@ -29,7 +29,7 @@ from slmkit.finetune.heads import FineTuneModel, add_special_tokens
 from slmkit.finetune.tasks import Example, TaskSpec, read_examples
 from slmkit.finetune.transforms import Encoded, collate, encode_examples
 from slmkit.model import GPT
-from slmkit.runtime import autocast, resolve_device, resolve_dtype
+from slmkit.runtime import autocast, can_fuse_adamw, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 from slmkit.tokenizers import Tokenizer
 
 METRICS_FILE, PLOT, LOG, SUMMARY = "metrics.jsonl", "finetune.png", "log.txt", "finetune.json"
@@ -276,6 +276,8 @@ def finetune(
     max_len = min(cfg.max_len or model.gpt.config.block_size, model.gpt.config.block_size)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()  # as in pre-training
     model.to(device)
 
     train_ex, train_enc = _load_split(spec, train_path, tokenizer, max_len, log, "train")
@@ -293,7 +295,7 @@ def finetune(
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, math.ceil(cfg.warmup_frac * total)) if cfg.warmup_frac > 0 else 0
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(0.9, 0.999), eps=1e-8)
+                                  betas=(0.9, 0.999), eps=1e-8, fused=can_fuse_adamw(device))
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
 
