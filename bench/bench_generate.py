@@ -11,7 +11,7 @@ import time
 import torch
 from _common import emit, peak_rss_mb
 
-from slmkit.config import preset_config
+from slmkit.config import WEIGHT_FORMATS, preset_config
 from slmkit.generate import GenerationConfig, generate_ids
 from slmkit.model import GPT
 from slmkit.runtime import resolve_device, resolve_dtype
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--skip-no-cache", action="store_true")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs with the cache; the median is reported")
-    ap.add_argument("--weights", default="auto", choices=("auto", "int8"), help="as slm generate --weights")
+    ap.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS, help="as slm generate --weights")
     args = ap.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -9,7 +9,7 @@ import time
 import torch
 from _common import emit, peak_rss_mb
 
-from slmkit.config import preset_config
+from slmkit.config import GELU_FORMS, preset_config
 from slmkit.model import GPT
 from slmkit.runtime import autocast, can_fuse_adamw, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=65)
     ap.add_argument("--dropout", type=float, default=-1.0, help="override the preset's dropout")
     ap.add_argument("--attn-dropout", type=float, default=None, help="override the preset's attention dropout")
-    ap.add_argument("--gelu", choices=("tanh", "exact"), help="override the preset's GELU")
+    ap.add_argument("--gelu", choices=GELU_FORMS, help="override the preset's GELU")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is not timed)")
     args = ap.parse_args()
     cfg = preset_config(args.preset)
@@ -39,8 +39,7 @@ def main() -> None:
         cfg.model.gelu = args.gelu
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if device.type == "cpu":
-        keep_freed_memory_for_reuse()  # as the trainer does
+    keep_freed_memory_for_reuse(device)  # as the trainer does
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device).train()
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, fused=can_fuse_adamw(device))

@@ -17,6 +17,8 @@ from slmkit.errors import UserError
 
 # How a trained model's weights are held for generation and scoring (slmkit.inference).
 WEIGHT_FORMATS = ("auto", "int8")
+# The MLP activation: GPT-1/GPT-2's tanh approximation of GELU, or the exact (erf) one.
+GELU_FORMS = ("tanh", "exact")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -45,7 +47,7 @@ class ModelConfig:
         "tanh",
         "MLP activation: 'tanh' (the GELU approximation of GPT-1/GPT-2) or 'exact' (erf, nanoGPT's; "
         "measured 2.3x cheaper than tanh in bf16 on CPU)",
-        choices=("tanh", "exact"),
+        choices=GELU_FORMS,
     )
     layer_norm_epsilon: float = _opt(1e-5, "layer-norm epsilon", cli=False)
 
@@ -71,7 +73,7 @@ class ModelConfig:
             raise UserError(f"attn_dropout must be below 1, got {self.attn_dropout}")
         if self.ln not in ("pre", "post"):
             raise UserError(f"ln must be 'pre' or 'post', got {self.ln!r}")
-        if self.gelu not in ("tanh", "exact"):
+        if self.gelu not in GELU_FORMS:
             raise UserError(f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
 
 

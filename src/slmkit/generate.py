@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from slmkit.config import WEIGHT_FORMATS
 from slmkit.errors import UserError
 from slmkit.inference import decoding_model
 from slmkit.model import GPT
@@ -31,7 +30,7 @@ class GenerationConfig:
     seed: int | None = None
     num_samples: int = 1
     use_cache: bool = True
-    weights: str = "auto"  # "int8": weight-only int8 linears on CPU (see slmkit.inference)
+    weights: str = "auto"  # "int8": weight-only int8 linears on CPU (checked by slmkit.inference)
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -44,8 +43,6 @@ class GenerationConfig:
             raise UserError("--top-p must be in (0, 1]")
         if self.num_samples < 1:
             raise UserError("--num-samples must be at least 1")
-        if self.weights not in WEIGHT_FORMATS:
-            raise UserError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -126,8 +126,7 @@ class Trainer:
         t = cfg.train
         self.ddp, self.device = init_distributed(t.device)
         self.dtype = resolve_dtype(t.dtype, self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory_for_reuse()
+        keep_freed_memory_for_reuse(self.device)
         self.tokenizer = data.tokenizer
         cfg.model.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
         if cfg.model.vocab_size < self.tokenizer.vocab_size:

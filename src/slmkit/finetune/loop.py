@@ -276,8 +276,7 @@ def finetune(
     max_len = min(cfg.max_len or model.gpt.config.block_size, model.gpt.config.block_size)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if device.type == "cpu":
-        keep_freed_memory_for_reuse()  # as in pre-training
+    keep_freed_memory_for_reuse(device)  # as in pre-training
     model.to(device)
 
     train_ex, train_enc = _load_split(spec, train_path, tokenizer, max_len, log, "train")
