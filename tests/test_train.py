@@ -132,10 +132,10 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(trained, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck, "save_file", no_space)
-    with pytest.raises(UserError, match="No space left"):
+    with pytest.raises(UserError, match="(?i)no space left"):
         save_checkpoint(trained / LAST, model, ckpt.config, tok, {"step": 99})
     assert (trained / LAST).read_bytes() == before
-    assert not [p for p in trained.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in trained.iterdir() if "tmp" in p.name]
 
 
 def test_saved_weights_have_no_compile_or_ddp_prefixes(trained):

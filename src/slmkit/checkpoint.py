@@ -10,8 +10,6 @@ good checkpoint with a broken one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,37 +21,11 @@ from safetensors.torch import save_file
 
 from slmkit.config import RunConfig
 from slmkit.errors import UserError
+from slmkit.fileio import atomic_write
 from slmkit.tokenizers import Tokenizer, tokenizer_from_dict
 
 FORMAT = "slmkit-checkpoint-1"
 LAST, BEST = "ckpt_last.safetensors", "ckpt_best.safetensors"
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise UserError(f"cannot write {path}: {exc.strerror or exc} (the previous file is untouched)") from None
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -131,7 +103,7 @@ def save_checkpoint(
     tensors.update(extra_tensors or {})
     meta.update(extra_meta or {})
     meta["crc32"] = _crc(tensors)
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 @dataclass

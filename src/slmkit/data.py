@@ -86,7 +86,7 @@ def tinyshakespeare_text(data_path: str = "", cache: Path | None = None) -> str:
     if sha256_bytes(raw) != TINYSHAKESPEARE_SHA256:
         raise UserError("downloaded tiny Shakespeare failed its sha256 check; pass --data-path instead")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    from slmkit.checkpoint import atomic_write_bytes
+    from slmkit.fileio import atomic_write_bytes
 
     atomic_write_bytes(cached, raw)
     return raw.decode("utf-8")

@@ -311,7 +311,7 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    from slmkit.checkpoint import atomic_write_text
+    from slmkit.fileio import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(tok.to_dict(), ensure_ascii=False))
 

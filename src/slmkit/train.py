@@ -365,7 +365,7 @@ def plot_losses(run_dir: Path) -> None:
 
 
 def write_run_files(run_dir: Path, cfg: RunConfig, data: PreparedData) -> None:
-    from slmkit.checkpoint import atomic_write_text
+    from slmkit.fileio import atomic_write_text
     from slmkit.tokenizers import save_tokenizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -434,7 +434,7 @@ def train(
 
 
 def write_samples(model, tokenizer, path: Path, max_new_tokens: int, device, dtype, seed: int, n: int = 3) -> None:
-    from slmkit.checkpoint import atomic_write_text
+    from slmkit.fileio import atomic_write_text
     from slmkit.generate import GenerationConfig, generate_text
 
     model = unwrap(model)

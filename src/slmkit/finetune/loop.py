@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from slmkit.checkpoint import BEST, Checkpoint, atomic_write_text, find_checkpoint, load_checkpoint, save_checkpoint
+from slmkit.checkpoint import BEST, Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from slmkit.errors import UserError
+from slmkit.fileio import atomic_write_text
 from slmkit.finetune import metrics as M
 from slmkit.finetune.heads import FineTuneModel, add_special_tokens
 from slmkit.finetune.tasks import Example, TaskSpec, read_examples

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from slmkit.checkpoint import BEST, atomic_write_text, save_checkpoint
+from slmkit.checkpoint import BEST, save_checkpoint
 from slmkit.config import ModelConfig, RunConfig
 from slmkit.errors import UserError
+from slmkit.fileio import atomic_write_text
 from slmkit.tokenizers import Tokenizer, save_tokenizer
 
 SPECIAL_SEED = 1234  # the three fine-tuning embeddings GPT-1 adds are drawn from N(0, 0.02) with this seed

@@ -262,8 +262,8 @@ def best_sample(sweep_dir: Path, row: dict[str, Any], max_new_tokens: int = 300)
 
 def write_report(sweep_dir: str | Path, sample_tokens: int = 300) -> Path:
     """Write report.md, results.csv, plots/ and sample.txt into the sweep directory."""
-    from slmkit.checkpoint import atomic_write_text
     from slmkit.errors import UserError
+    from slmkit.fileio import atomic_write_text
 
     sweep_dir = Path(sweep_dir)
     spec, rows = collect_rows(sweep_dir)

@@ -155,7 +155,7 @@ def create_sweep(spec: SweepSpec, sweep_dir: Path, cells: list[dict[str, Any]] |
     study.set_user_attr("slmkit_sweep", spec.to_dict())
     for cell in cells or []:
         study.enqueue_trial(cell)
-    from slmkit.checkpoint import atomic_write_text
+    from slmkit.fileio import atomic_write_text
 
     (sweep_dir / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
