@@ -423,3 +423,31 @@ class FolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def open_run_folder(
+    folder: str | Path,
+    kind: str,
+    overwrite: bool,
+    flag: str = "--out-dir",
+    legacy: Callable[[Path], list[str] | None] | None = None,
+) -> FolderLock:
+    """Lock `folder` for one writer, then claim it (see `claim_folder`) and sweep up temp files a
+    killed process left. The caller releases the returned lock when it is done writing."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p} exists and is not a directory")
+    if p.is_dir() and read_marker(p) is None and (legacy is None or legacy(p) is None) and user_entries(p):
+        claim_folder(p, kind, overwrite, flag, legacy)  # raises the one-line refusal, writes nothing
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {p}: {exc.strerror or exc}") from None
+    lock = FolderLock(p).acquire()
+    try:
+        claim_folder(p, kind, overwrite, flag, legacy)  # under the lock: two writers never both delete
+        remove_orphan_temps(p)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
