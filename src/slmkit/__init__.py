@@ -1,10 +1,33 @@
-"""slmkit: build small GPT language models from scratch, and take them all the way."""
+"""slmkit: build small GPT language models from scratch, and take them all the way.
 
-from slmkit.api import LanguageModel, load
-from slmkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset_config
-from slmkit.model import GPT
-from slmkit.train import train
+The names below load on first use: `slm` imports only what its command needs, so start-up stays
+quick and a Ctrl-C while torch is still loading is one line, not a traceback from an import.
+"""
 
-__all__ = ["GPT", "DataConfig", "LanguageModel", "ModelConfig", "RunConfig", "TrainConfig", "load",
-           "preset_config", "train"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "GPT": "slmkit.model",
+    "DataConfig": "slmkit.config",
+    "LanguageModel": "slmkit.api",
+    "ModelConfig": "slmkit.config",
+    "RunConfig": "slmkit.config",
+    "TrainConfig": "slmkit.config",
+    "load": "slmkit.api",
+    "preset_config": "slmkit.config",
+    "train": "slmkit.train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in ("sweep", "finetune", "interop"):
+        return importlib.import_module(f"slmkit.{name}")
+    raise AttributeError(f"module 'slmkit' has no attribute {name!r}")

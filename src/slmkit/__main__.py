@@ -1,6 +1,6 @@
 """`python -m slmkit ...`: the entry point torchrun needs (`torchrun --nproc_per_node 2 -m slmkit train ...`)."""
 
-from slmkit.cli import main
+from slmkit.entry import main
 
 if __name__ == "__main__":
     main()

@@ -9,18 +9,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from slmkit.checkpoint import Checkpoint, load_model
+from slmkit.config import show
+from slmkit.errors import UserError
 from slmkit.evaluation import LMScore, score_tokens, token_logprobs
 from slmkit.generate import GenerationConfig, generate_stream, generate_text
 from slmkit.inference import decoding_model
 from slmkit.model import GPT
 from slmkit.runtime import resolve_device, resolve_dtype
 from slmkit.tokenizers import Tokenizer
+
+# Windows per forward pass when scoring: beyond this a typo, not a batch.
+MAX_SCORE_BATCH = 2**16
 
 
 class LanguageModel:
@@ -42,7 +47,18 @@ class LanguageModel:
         return self.model.config
 
     def _gen_config(self, options: dict) -> GenerationConfig:
-        return replace(GenerationConfig(weights=self.weights), **options)
+        """The options checked now, when generate() is called, not at the first token drawn."""
+        known = [f.name for f in fields(GenerationConfig)]
+        unknown = sorted(str(k) for k in options if k not in known)
+        if unknown:
+            raise UserError(f"unknown generation option {unknown[0]!r}; known: {', '.join(known)}")
+        stop = options.get("stop")
+        if isinstance(stop, str | list):
+            # stop="\n\n" is one stop string, not a tuple of its characters.
+            options = {**options, "stop": (stop,) if isinstance(stop, str) else tuple(stop)}
+        gen = replace(GenerationConfig(weights=self.weights), **options)
+        gen.validate()
+        return gen
 
     def _scoring_model(self) -> GPT:
         """Scores use the model as trained (autocast), unless int8 weights were asked for."""
@@ -51,10 +67,11 @@ class LanguageModel:
         return decoding_model(self.model, self.device, self.dtype, self.weights)
 
     def generate_stream(self, prompt: str = "", **options) -> Iterator[str]:
+        # Checked before the generator is returned, so a bad option fails at the call.
         gen = self._gen_config(options)
         ids = self._prompt_ids(prompt)
-        yield from generate_stream(self.model, self.tokenizer, gen=gen, device=self.device, dtype=self.dtype,
-                                   prompt_ids=ids)
+        return generate_stream(self.model, self.tokenizer, gen=gen, device=self.device, dtype=self.dtype,
+                               prompt_ids=ids)
 
     def generate(self, prompt: str = "", **options) -> list[str]:
         gen = self._gen_config(options)
@@ -62,6 +79,8 @@ class LanguageModel:
                              prompt_ids=self._prompt_ids(prompt))
 
     def _prompt_ids(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise UserError(f"the prompt must be a string, got {show(prompt)}")
         if prompt:
             return self.tokenizer.encode(prompt)
         # An empty prompt starts from end-of-text (BPE) or a newline (characters).
@@ -70,6 +89,10 @@ class LanguageModel:
         return self.tokenizer.encode("\n")
 
     def score_ids(self, ids: list[int], chars: int, batch_size: int = 8) -> tuple[LMScore, np.ndarray]:
+        _check_batch_size(batch_size)
+        ids = self.tokenizer.check_ids(ids)
+        if len(ids) < 2:
+            raise UserError("nothing to score: the text gives fewer than 2 tokens (the first one is only context)")
         tokens = np.asarray(ids, dtype=np.int64)
         logp = token_logprobs(self._scoring_model(), tokens, batch_size, self.device, self.dtype)
         return LMScore(nll=float(-logp.sum()), tokens=int(logp.size), chars=chars), logp
@@ -80,6 +103,10 @@ class LanguageModel:
     def score_text(self, text: str, prepend_eot: bool = True) -> tuple[LMScore, list[int], np.ndarray]:
         """Log-likelihood of `text`. With an end-of-text token, it conditions the first token, so
         every token of the text is scored; without one the first token is context only."""
+        if not isinstance(text, str):
+            raise UserError(f"the text to score must be a string, got {show(text)}")
+        if not text:
+            raise UserError("the text to score is empty")
         ids = self.tokenizer.encode(text)
         eot = self.tokenizer.special.get("eot")
         if prepend_eot and eot is not None:
@@ -89,7 +116,15 @@ class LanguageModel:
         return s, ids, logp
 
     def evaluate_tokens(self, tokens: np.ndarray, chars: int, batch_size: int = 16) -> LMScore:
+        _check_batch_size(batch_size)
+        if len(tokens) < 2:
+            raise UserError(f"nothing to evaluate: the split holds {len(tokens)} token(s)")
         return score_tokens(self._scoring_model(), tokens, chars, batch_size, self.device, self.dtype)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_SCORE_BATCH:
+        raise UserError(f"--batch-size must be an integer from 1 to {MAX_SCORE_BATCH:,}, got {show(batch_size)}")
 
 
 def load(

@@ -10,21 +10,26 @@ good checkpoint with a broken one.
 from __future__ import annotations
 
 import json
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from slmkit.budget import param_count
 from slmkit.config import RunConfig
 from slmkit.errors import UserError
 from slmkit.fileio import atomic_write
 from slmkit.tokenizers import Tokenizer, tokenizer_from_dict
 
 FORMAT = "slmkit-checkpoint-1"
+CHECKSUM = "checksum"  # tensors and metadata
+LEGACY_CRC = "crc32"  # tensors only, written before the checksum covered the metadata
 LAST, BEST = "ckpt_last.safetensors", "ckpt_best.safetensors"
 
 
@@ -51,8 +56,12 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def _crc(tensors: dict[str, torch.Tensor]) -> str:
+def _crc(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """CRC-32 of every tensor and, when given, every metadata entry: a changed config is caught too."""
     crc = 0
+    for key in sorted(meta or {}):
+        if key not in (CHECKSUM, LEGACY_CRC):
+            crc = zlib.crc32(f"{key}={meta[key]}".encode(), crc)
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         crc = zlib.crc32(name.encode(), crc)
@@ -102,7 +111,7 @@ def save_checkpoint(
         tensors.update(_rng_tensors())
     tensors.update(extra_tensors or {})
     meta.update(extra_meta or {})
-    meta["crc32"] = _crc(tensors)
+    meta[CHECKSUM] = _crc(tensors, meta)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -141,27 +150,74 @@ class Checkpoint:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata, read into memory: no mapping of the file outlives this call, so the
+    file can be replaced (and its disk space freed) while the model trains."""
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {p}: {exc.strerror or exc}") from None
+    try:
+        # The official reader checks every offset and size against the buffer before allocating.
+        tensors = safetensors.torch.load(data)
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError, struct.error, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"checkpoint {p} is corrupted or truncated ({first})") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UserError(f"checkpoint {p} has corrupted metadata")
+    return tensors, meta
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"checkpoint {p} is corrupted or truncated ({str(exc).splitlines()[0]})") from None
+    tensors, meta = _read_safetensors(p)
     if meta.get("format") != FORMAT:
         raise UserError(f"{p} is not an slmkit checkpoint")
-    if meta.get("crc32") and _crc(tensors) != meta["crc32"]:
+    if CHECKSUM in meta:
+        if _crc(tensors, meta) != meta[CHECKSUM]:
+            raise UserError(f"checkpoint {p} is corrupted (checksum mismatch)")
+    elif meta.get(LEGACY_CRC) and _crc(tensors) != meta[LEGACY_CRC]:
         raise UserError(f"checkpoint {p} is corrupted (checksum mismatch)")
     try:
         config = RunConfig.from_dict(json.loads(meta["config"]))
+        config.validate()
         tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
         state = json.loads(meta.get("state", "{}"))
-    except (KeyError, json.JSONDecodeError):
+    except UserError as exc:
+        raise UserError(f"checkpoint {p} has an invalid config or tokenizer: {exc}") from None
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
         raise UserError(f"checkpoint {p} has corrupted metadata") from None
-    return Checkpoint(p, config, tokenizer, state, tensors, meta)
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {p} has corrupted metadata")
+    ckpt = Checkpoint(p, config, tokenizer, state, tensors, meta)
+    check_shapes(ckpt)
+    return ckpt
+
+
+def check_shapes(ckpt: Checkpoint) -> None:
+    """Every weight has the shape the saved config implies; checked before any model is built, so
+    a config edited to claim 10^9 layers never allocates anything."""
+    m = ckpt.config.model
+    weights = ckpt.model_state()
+    if m.vocab_size <= 0 or "transformer.wte.weight" not in weights:
+        raise UserError(f"checkpoint {ckpt.path} holds no token embedding")
+    found = sum(t.numel() for k, t in weights.items() if k != "lm_head.weight")
+    if found != param_count(m):
+        raise UserError(f"checkpoint {ckpt.path} does not match its config ({found:,} weights stored, "
+                        f"{param_count(m):,} expected)")
+    expected = {"transformer.wte.weight": (m.vocab_size, m.n_embd), "transformer.wpe.weight": (m.block_size, m.n_embd)}
+    for i in range(m.n_layer):
+        expected[f"transformer.h.{i}.attn.c_attn.weight"] = (3 * m.n_embd, m.n_embd)
+        expected[f"transformer.h.{i}.mlp.c_fc.weight"] = (m.mlp_width, m.n_embd)
+    for name, shape in expected.items():
+        got = tuple(weights[name].shape) if name in weights else None
+        if got != shape:
+            raise UserError(f"checkpoint {ckpt.path} does not match its config: {name} has shape "
+                            f"{list(got) if got else 'none'}, the config needs {list(shape)}")
 
 
 def find_checkpoint(run_or_file: str | Path, which: str = "best") -> Path:
@@ -183,7 +239,11 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> torch.n
     from slmkit.model import GPT
 
     model = GPT(ckpt.config.model)
-    missing, unexpected = model.load_state_dict(ckpt.model_state(), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt.model_state(), strict=False)
+    except RuntimeError as exc:  # a size mismatch the checks above did not name
+        reason = str(exc).splitlines()[-1].strip()
+        raise UserError(f"checkpoint {ckpt.path} does not match its config ({reason})") from None
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise UserError(

@@ -79,7 +79,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         cfg = resolve_config(args.preset, args.config, flags)
         run_dir = Path(args.out_dir) if args.out_dir else default_run_dir(cfg)
-    result = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet)
+    result = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet,
+                   force=args.force)
     final = f", full val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     print(f"done: {result.step} steps, best val loss {result.best_val_loss:.4f}{final}, "
           f"{result.params / 1e6:.2f}M params, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}")
@@ -105,16 +106,10 @@ def resume_config(run_dir: Path, flags: dict[str, dict[str, Any]]) -> RunConfig:
 
 
 def read_text_file(path: str) -> str:
-    """A UTF-8 text file, or standard input for '-'."""
-    if path == "-":
-        return sys.stdin.read()
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"file not found: {p}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{p} is not UTF-8 text") from None
+    """A UTF-8 text file, or standard input for '-' (binary input is a one-line error)."""
+    from slmkit.fileio import read_utf8
+
+    return read_utf8(path)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -305,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--force", action="store_true",
+                   help="train even when the memory estimate exceeds the memory that is free")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -385,16 +382,26 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 1))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+    except OSError as exc:
+        # A file error no library call turned into a UserError: still one line, never a traceback.
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         sys.exit(1)
+
+
+def one_line(message: str) -> str:
+    """Messages are one line: library errors sometimes carry newlines or terminal colour codes."""
+    import re
+
+    message = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message)
+    return " ".join(message.split())
 
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,21 +21,82 @@ WEIGHT_FORMATS = ("auto", "int8")
 # The MLP activation: GPT-1/GPT-2's tanh approximation of GELU, or the exact (erf) one.
 GELU_FORMS = ("tanh", "exact")
 
+# Hard caps, far above any real model (GPT-3: 96 layers x 12,288 wide, 2,048 positions; the largest
+# vocabularies ~256k) yet low enough that a typo such as n_layer = 1e30 is a clear error instead of an
+# allocation. Whether a valid size fits in this machine's memory is checked separately, before training.
+MAX_BLOCK_SIZE = 2**20  # 1,048,576 positions
+MAX_LAYERS = 4096
+MAX_HEADS = 4096
+MAX_WIDTH = 2**17  # n_embd: 131,072
+MAX_INNER = 2**20  # n_inner: 1,048,576
+MAX_VOCAB = 2**24  # 16,777,216 tokens
+MAX_BATCH = 2**20  # batch_size, grad_accum
+MAX_STEPS = 10**12  # max_iters, warmup_iters, lr_decay_iters and the intervals
+MAX_EVAL_WINDOWS = 10**7  # eval_iters x batch_size: the fixed subsets' offsets are allocated up front
+MAX_SAMPLE_TOKENS = 10**6
+# Seeds go to torch.manual_seed and numpy's default_rng as seed + step (+ rank): below 2**63 the sum
+# stays inside the unsigned 64-bit range both accept.
+SEED_LIMIT = 2**63
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+
+def _opt(default: Any, help: str, *, bounds: tuple[int, int] | None = None, **extra: Any) -> Any:
+    """A config field; `bounds` (inclusive) for integers are checked by `validate()`."""
+    meta = {"help": help, **extra}
+    if bounds is not None:
+        meta["bounds"] = bounds
+    return field(default=default, metadata=meta)
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A value for an error message: repr, one line, shortened (and safe for 10**5000)."""
+    try:
+        text = repr(value)
+    except ValueError:  # int too large to print (Python's digit limit)
+        return "a very large integer"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe_bounds(lo: int, hi: int) -> str:
+    kind = "a positive integer" if lo == 1 else "a non-negative integer" if lo == 0 else f"an integer >= {lo:,}"
+    return f"{kind} no larger than {hi:,}"
+
+
+def check_fields(obj: Any) -> None:
+    """Every field holds its declared type, floats are finite, choices and integer bounds hold.
+
+    Library users and saved files can set anything; this keeps NaN, bools-as-numbers, strings and
+    absurd sizes from reaching the model, the optimizer or a seed.
+    """
+    for f in fields(obj):
+        value, kind, name = getattr(obj, f.name), f.type, f.name
+        if kind == "bool" and not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {show(value)}")
+        if kind == "str" and not isinstance(value, str):
+            raise UserError(f"{name} must be a string, got {show(value)}")
+        if kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise UserError(f"{name} must be a number, got {show(value)}")
+        if kind == "int" and not isinstance(value, int):
+            raise UserError(f"{name} must be an integer, got {show(value)}")
+        if kind == "float" and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {show(value)}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}; got {show(value)}")
+        bounds = f.metadata.get("bounds")
+        if bounds and not bounds[0] <= value <= bounds[1]:
+            raise UserError(f"{name} must be {_describe_bounds(*bounds)}, got {show(value)}")
 
 
 @dataclass
 class ModelConfig:
     """The GPT architecture (GPT-1 is post-LN, GPT-2 pre-LN)."""
 
-    vocab_size: int = _opt(0, "vocabulary size; 0 = take it from the tokenizer", cli=False)
-    block_size: int = _opt(256, "context length in tokens (size of the position table)")
-    n_layer: int = _opt(6, "number of transformer blocks")
-    n_head: int = _opt(6, "attention heads per block (must divide n_embd)")
-    n_embd: int = _opt(384, "embedding / hidden width")
-    n_inner: int = _opt(0, "MLP hidden width; 0 = 4 * n_embd")
+    vocab_size: int = _opt(0, "vocabulary size; 0 = take it from the tokenizer", cli=False, bounds=(0, MAX_VOCAB))
+    block_size: int = _opt(256, "context length in tokens (size of the position table)", bounds=(1, MAX_BLOCK_SIZE))
+    n_layer: int = _opt(6, "number of transformer blocks", bounds=(1, MAX_LAYERS))
+    n_head: int = _opt(6, "attention heads per block (must divide n_embd)", bounds=(1, MAX_HEADS))
+    n_embd: int = _opt(384, "embedding / hidden width", bounds=(1, MAX_WIDTH))
+    n_inner: int = _opt(0, "MLP hidden width; 0 = 4 * n_embd", bounds=(0, MAX_INNER))
     dropout: float = _opt(0.0, "dropout on embeddings, attention weights and residual branches")
     attn_dropout: float = _opt(
         -1.0,
@@ -60,11 +122,7 @@ class ModelConfig:
         return self.n_inner or 4 * self.n_embd
 
     def validate(self) -> None:
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.vocab_size < 0 or self.n_inner < 0:
-            raise UserError("vocab_size and n_inner must not be negative")
+        check_fields(self)
         if self.n_embd % self.n_head != 0:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
@@ -75,6 +133,8 @@ class ModelConfig:
             raise UserError(f"ln must be 'pre' or 'post', got {self.ln!r}")
         if self.gelu not in GELU_FORMS:
             raise UserError(f"gelu must be 'tanh' or 'exact', got {self.gelu!r}")
+        if not 0.0 <= self.layer_norm_epsilon <= 1.0:
+            raise UserError(f"layer_norm_epsilon must be in [0, 1], got {self.layer_norm_epsilon}")
 
 
 @dataclass
@@ -86,13 +146,16 @@ class DataConfig:
         "a named dataset (shakespeare, tinyshakespeare), a .txt file, or a folder of .txt files",
     )
     data_path: str = _opt("", "local copy of a named dataset's file (tinyshakespeare: input.txt)")
-    tokenizer: str = _opt("char", "char, bpe (trained on the corpus) or gpt2", choices=("char", "bpe", "gpt2"))
-    vocab_size: int = _opt(8192, "BPE vocabulary size when --tokenizer bpe (GPT-1 used 40,000 merges)")
+    tokenizer: str = _opt("char", "char, bpe (trained on the corpus), gpt2 or gpt1 (both need --vocab-dir)",
+                          choices=("char", "bpe", "gpt2", "gpt1"))
+    vocab_size: int = _opt(8192, "BPE vocabulary size when --tokenizer bpe (GPT-1 used 40,000 merges)",
+                           bounds=(1, MAX_VOCAB))
     vocab_dir: str = _opt("", "folder holding encoder.json + vocab.bpe for --tokenizer gpt2")
     val_fraction: float = _opt(0.1, "fraction of the corpus (taken from its end) used for validation")
     cache_dir: str = _opt("", "where prepared token files are cached (default: ~/.cache/slmkit)")
 
     def validate(self) -> None:
+        check_fields(self)
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.tokenizer == "bpe" and self.vocab_size < 260:
@@ -103,21 +166,22 @@ class DataConfig:
 class TrainConfig:
     """The optimisation: AdamW, warmup + cosine decay, accumulation, evaluation, precision."""
 
-    batch_size: int = _opt(64, "sequences per micro-batch on each process")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
-    max_iters: int = _opt(5000, "optimizer steps")
+    batch_size: int = _opt(64, "sequences per micro-batch on each process", bounds=(1, MAX_BATCH))
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", bounds=(1, MAX_BATCH))
+    max_iters: int = _opt(5000, "optimizer steps", bounds=(1, MAX_STEPS))
     learning_rate: float = _opt(1e-3, "peak learning rate")
     min_lr: float = _opt(-1.0, "floor of the cosine decay; negative = learning_rate / 10")
-    warmup_iters: int = _opt(100, "linear warmup steps")
-    lr_decay_iters: int = _opt(0, "steps over which the cosine decays; 0 = max_iters")
+    warmup_iters: int = _opt(100, "linear warmup steps", bounds=(0, MAX_STEPS))
+    lr_decay_iters: int = _opt(0, "steps over which the cosine decays; 0 = max_iters", bounds=(0, MAX_STEPS))
     weight_decay: float = _opt(0.1, "AdamW weight decay (applied to weight matrices only)")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.99, "AdamW beta2")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this value; 0 = off")
-    eval_interval: int = _opt(250, "evaluate on the fixed validation subset every N steps")
-    eval_iters: int = _opt(20, "batches in the fixed validation subset")
-    log_interval: int = _opt(10, "log training loss every N steps")
-    seed: int = _opt(1337, "random seed (model init, data sampling, dropout)")
+    eval_interval: int = _opt(250, "evaluate on the fixed validation subset every N steps", bounds=(1, MAX_STEPS))
+    eval_iters: int = _opt(20, "batches in the fixed validation subset", bounds=(1, MAX_EVAL_WINDOWS))
+    log_interval: int = _opt(10, "log training loss every N steps", bounds=(1, MAX_STEPS))
+    seed: int = _opt(1337, "random seed (model init, data sampling, dropout); 0 <= seed < 2**63",
+                     bounds=(0, SEED_LIMIT - 1))
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps (auto: cuda, then mps, then cpu)")
     dtype: str = _opt(
         "auto",
@@ -125,21 +189,25 @@ class TrainConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     compile: str = _opt("auto", "torch.compile: auto (on for CUDA only), on or off", choices=("auto", "on", "off"))
-    sample_tokens: int = _opt(200, "length of the samples written at the end of training; 0 = none")
-    checkpoint_interval: int = _opt(0, "also save the last checkpoint every N steps; 0 = at each evaluation")
+    sample_tokens: int = _opt(200, "length of the samples written at the end of training; 0 = none",
+                              bounds=(0, MAX_SAMPLE_TOKENS))
+    checkpoint_interval: int = _opt(0, "also save the last checkpoint every N steps; 0 = at each evaluation",
+                                    bounds=(0, MAX_STEPS))
 
     @property
     def floor_lr(self) -> float:
         return self.min_lr if self.min_lr >= 0 else self.learning_rate / 10
 
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        check_fields(self)
+        if self.eval_iters * self.batch_size > MAX_EVAL_WINDOWS:
+            raise UserError(f"eval_iters x batch_size ({self.eval_iters:,} x {self.batch_size:,}) must be at most "
+                            f"{MAX_EVAL_WINDOWS:,} windows")
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise UserError("warmup_iters, weight_decay and grad_clip must not be negative")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError("beta1 and beta2 must be in [0, 1)")
 
@@ -163,7 +231,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        cfg = cls(preset=d.get("preset", ""))
+        if not isinstance(d, dict):
+            raise UserError(f"a saved configuration must be a mapping of sections, got {show(d)}")
+        preset = d.get("preset", "")
+        if not isinstance(preset, str):
+            raise UserError(f"saved config: preset must be a string, got {show(preset)}")
+        cfg = cls(preset=preset)
         apply_overrides(cfg, {sec: d[sec] for sec in SECTIONS if sec in d}, source="saved config")
         return cfg
 
@@ -231,37 +304,63 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def preset_config(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise UserError(f"unknown preset {show(name)}; choose from: {', '.join(PRESETS)}")
     cfg = RunConfig(preset=name)
     apply_overrides(cfg, PRESETS[name], source=f"preset {name}")
     return cfg
 
 
 def _coerce(value: Any, target_type: Any, where: str) -> Any:
+    """A config-file or command-line value as the field's type, or a one-line error.
+
+    Numbers are never silently changed: 2.5 is not an int, true is not 1, NaN and infinities are
+    refused, and a list or a table is never turned into its string form.
+    """
     kind = {"int": int, "float": float, "bool": bool, "str": str}[str(target_type).replace("builtins.", "")]
     if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise UserError(f"{where}: expected true/false, got {value!r}")
-    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, kind) and not isinstance(value, bool):
-        return value
+        raise UserError(f"{where}: expected true/false, got {show(value)}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where}: expected a string, got {show(value)}")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise UserError(f"{where}: expected {kind.__name__}, got {show(value)}")
+    return _to_float(value, where) if kind is float else _to_int(value, where)
+
+
+def _to_float(value: int | float | str, where: str) -> float:
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+        number = float(value)
+    except (ValueError, OverflowError):  # "abc"; an int beyond the float range
+        raise UserError(f"{where}: expected float, got {show(value)}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{where}: expected a finite number, got {show(value)}")
+    return number
+
+
+def _to_int(value: int | float | str, where: str) -> int:
+    if isinstance(value, float):
+        # Checked before int(): int(inf) raises, and int(1e30) is a 31-digit integer.
+        if not math.isfinite(value) or not value.is_integer():
+            raise UserError(f"{where}: expected int, got {show(value)}")
+        if abs(value) >= 2**63:
+            raise UserError(f"{where}: {show(value)} is out of range")
+        return int(value)
+    try:
+        return int(value)
+    except ValueError:  # "abc", "2.5", or a string of more than 4,300 digits
+        raise UserError(f"{where}: expected int, got {show(value)}") from None
 
 
 def set_field(section_obj: Any, name: str, value: Any, where: str) -> None:
     known = {f.name: f for f in fields(section_obj)}
-    if name not in known:
-        raise UserError(f"{where}: unknown setting {name!r}; known: {', '.join(known)}")
+    if not isinstance(name, str) or name not in known:
+        raise UserError(f"{where}: unknown setting {show(name)}; known: {', '.join(known)}")
     setattr(section_obj, name, _coerce(value, known[name].type, f"{where}: {name}"))
 
 
@@ -270,8 +369,10 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str) -> N
     for section, values in overrides.items():
         if section == "preset":
             continue
-        if section not in SECTIONS or not isinstance(values, dict):
-            raise UserError(f"{source}: unknown section {section!r}; use model, data and train")
+        if not isinstance(section, str) or section not in SECTIONS:
+            raise UserError(f"{source}: unknown section {show(section)}; use model, data and train")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: [{section}] must be a table of settings, got {show(values)}")
         for name, value in values.items():
             set_field(getattr(cfg, section), name, value, f"{source} [{section}]")
 
@@ -281,31 +382,40 @@ def find_section(name: str) -> str:
     for section, cls in SECTIONS.items():
         if name in {f.name for f in fields(cls)}:
             return section
-    raise UserError(f"unknown hyperparameter {name!r}")
+    raise UserError(f"unknown hyperparameter {show(name)}")
+
+
+def _parse_config_text(p: Path, text: str) -> Any:
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+        return tomllib.loads(text)
+    except Exception as exc:  # parse errors from either library (YAML raises several kinds)
+        message = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise UserError(f"cannot parse config file {p}: {message[0]}") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or YAML config; flat keys (n_layer = 4) are routed to their section."""
+    from slmkit.fileio import read_utf8
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = tomllib.loads(text)
-    except Exception as exc:  # parse errors from either library
-        raise UserError(f"cannot parse config file {p}: {exc}".splitlines()[0]) from None
+    data = _parse_config_text(p, read_utf8(p, "config file"))
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must hold a mapping of settings")
     nested: dict[str, dict[str, Any]] = {}
     for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise UserError(f"config file {p}: [{key}] must be a table of settings, got {show(value)}")
             nested.setdefault(key, {}).update(value)
         elif key == "preset":
+            if not isinstance(value, str):
+                raise UserError(f"config file {p}: preset must be a preset name, got {show(value)}")
             nested["preset"] = value  # type: ignore[assignment]
         else:
             nested.setdefault(find_section(key), {})[key] = value

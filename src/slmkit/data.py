@@ -3,18 +3,20 @@
 A prepared dataset is a folder with train.bin / val.bin (uint16 when the vocabulary fits, else
 uint32), tokenizer.json and meta.json. Preparation is cached under a key made of the corpus
 checksum and the tokenizer settings, so `slm train --dataset X` prepares once and reuses after.
+The folder is built in a temporary sibling and moved in whole, and carries slmkit's ownership
+marker: a folder the user made is never written into, and replacing an old dataset removes only
+the files slmkit wrote there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import shutil
 import sys
-import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 
 from slmkit.config import DataConfig
 from slmkit.errors import UserError
+from slmkit.fileio import check_output_folder, read_marker, record_files, staged_folder
 from slmkit.tokenizers import (
     CharTokenizer,
     HFByteLevelTokenizer,
@@ -31,13 +34,16 @@ from slmkit.tokenizers import (
     has_named_tokenizer,
     load_tokenizer,
     named_tokenizer,
-    save_tokenizer,
 )
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 NAMED_DATASETS = ("shakespeare", "tinyshakespeare")
 CHUNK_CHARS = 1 << 20  # encode in ~1 MB pieces: parallel, and a progress bar that moves
+PREPARED_KIND = "prepared"
+PREPARED_FILES = ("meta.json", "tokenizer.json", "train.bin", "val.bin")
+MIN_SPLIT_TOKENS = 2  # one input and one target: the least a split can be scored on
+DTYPES = ("uint16", "uint32")
 
 
 def cache_root(data: DataConfig | None = None) -> Path:
@@ -69,8 +75,10 @@ def tinyshakespeare_text(data_path: str = "", cache: Path | None = None) -> str:
     """--data-path, else the user cache, else a checked download of Karpathy's file."""
     if data_path:
         p = Path(data_path).expanduser()
-        if not p.is_file():
+        if not p.exists():
             raise UserError(f"--data-path {p} does not exist")
+        if not p.is_file():
+            raise UserError(f"--data-path {p} is not a regular file")
         return _read_text_file(p)
     cached = (cache or cache_root()) / "downloads" / "tinyshakespeare.txt"
     if cached.is_file():
@@ -119,8 +127,13 @@ def read_corpus(data: DataConfig) -> tuple[str, str]:
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """Deterministic split: the last `val_fraction` of the characters is validation."""
-    cut = int(len(text) * (1 - val_fraction))
+    cut = _split_sizes(len(text), val_fraction)[0]
     return text[:cut], text[cut:]
+
+
+def _split_sizes(n_chars: int, val_fraction: float) -> tuple[int, int]:
+    cut = int(n_chars * (1 - val_fraction))
+    return cut, n_chars - cut
 
 
 def chunk_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
@@ -185,7 +198,20 @@ class PreparedData:
         return self.dir / f"{split}.bin"
 
     def tokens(self, split: str) -> np.ndarray:
+        if self.meta["tokens"][split] == 0:  # numpy cannot map an empty file; the caller reports the size
+            return np.zeros(0, dtype=self.meta["dtype"])
         return np.memmap(self.split_path(split), dtype=self.meta["dtype"], mode="r")
+
+    def check_block_size(self, block_size: int) -> None:
+        """Both splits must hold a window of block_size + 1 tokens; else one line on how much text is needed."""
+        for split, name in (("train", "train"), ("val", "validation")):
+            n = int(self.meta["tokens"][split])
+            if n >= block_size + 1:
+                continue
+            chars_per_token = self.meta["chars"][split] / max(n, 1) if n else 1.0
+            share = self.meta["chars"][split] / max(sum(self.meta["chars"].values()), 1)
+            need = math.ceil((block_size + 1) * chars_per_token / max(share, 1e-9))
+            check_split_length(n, block_size, name, need_chars=need)
 
 
 def cache_key(data: DataConfig, corpus_sha: str) -> str:
@@ -197,8 +223,16 @@ def cache_key(data: DataConfig, corpus_sha: str) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class _PreparedMeanwhile(Exception):
+    """Another process finished the same dataset while this one was encoding: use theirs."""
+
+
 def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool | None = None) -> PreparedData:
-    """Prepare (or reuse from the cache) the token files for `data`."""
+    """Prepare (or reuse from the cache) the token files for `data`.
+
+    `out_dir` must be new, empty, or a prepared folder slmkit wrote (replaced when the corpus or
+    tokenizer changed; files the user added stay). Anything else is refused before any work.
+    """
     data.validate()
     progress = sys.stderr.isatty() if progress is None else progress
     text, source = read_corpus(data)
@@ -206,17 +240,20 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
         raise UserError(f"corpus {source} is empty")
     corpus_sha = sha256_bytes(text.encode("utf-8"))
     key = cache_key(data, corpus_sha)
-    target = Path(out_dir) if out_dir else cache_root(data) / "prepared" / key
-    if (target / "meta.json").is_file():
-        existing = open_prepared(target)
-        if existing.meta.get("key") == key:
-            return existing
+    target = Path(out_dir).expanduser() if out_dir else cache_root(data) / "prepared" / key
+    flag = "--out" if out_dir else "cache folder"
+    existing = _reusable(target, key)
+    if existing is not None:
+        return existing
+    _check_target(target, flag)
     train_text, val_text = split_text(text, data.val_fraction)
+    check_corpus_size(len(text), len(train_text), len(val_text), data.val_fraction, source)
     tok = build_tokenizer(data, train_text, text, progress)
     with ThreadPoolExecutor(max_workers=1) as pool:  # train and val are independent; val is small
         val_future = pool.submit(encode_corpus, tok, val_text, "encode val", False)
         train_ids = encode_corpus(tok, train_text, "encode train", progress)
         val_ids = val_future.result()
+    check_token_counts(int(train_ids.size), int(val_ids.size), len(text), source)
     meta = {
         "key": key,
         "source": source,
@@ -229,25 +266,87 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
         "chars": {"train": len(train_text), "val": len(val_text)},
         "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
     }
-    _write_prepared(target, meta, tok, train_ids, val_ids)
+    try:
+        _write_prepared(target, flag, meta, tok, train_ids, val_ids)
+    except _PreparedMeanwhile:
+        pass
     return open_prepared(target)
 
 
-def _write_prepared(target: Path, meta: dict, tok: Tokenizer, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
-    """Write into a temporary sibling folder, then rename: a crash never leaves half a dataset."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def _reusable(target: Path, key: str) -> PreparedData | None:
+    """The dataset already in `target` when it is whole and was made from the same corpus and settings."""
+    if not (target / "meta.json").is_file():
+        return None
     try:
-        train_ids.tofile(tmp / "train.bin")
-        val_ids.tofile(tmp / "val.bin")
-        save_tokenizer(tok, tmp / "tokenizer.json")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write prepared data to {target}: {exc.strerror or exc}") from None
+        existing = open_prepared(target)
+    except UserError:
+        return None  # broken (a crash before markers, an edit): prepared again, if the folder is ours
+    return existing if existing.meta.get("key") == key else None
+
+
+def _legacy_prepared(folder: Path) -> bool:
+    """A prepared folder written before ownership markers: our four files, no marker."""
+    if not folder.is_dir() or read_marker(folder) is not None:
+        return False
+    if not all((folder / n).is_file() and not (folder / n).is_symlink() for n in PREPARED_FILES):
+        return False
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and "tokens" in meta and "dtype" in meta
+
+
+def _check_target(target: Path, flag: str) -> None:
+    """Refuse, before reading or encoding anything, a target that is a user's folder or other output."""
+    if not _legacy_prepared(target):
+        check_output_folder(target, PREPARED_KIND, True, flag)
+
+
+def check_corpus_size(n_chars: int, n_train: int, n_val: int, val_fraction: float, source: str) -> None:
+    """Both splits need text; say how much the whole corpus needs for that."""
+    if n_train >= MIN_SPLIT_TOKENS and n_val >= MIN_SPLIT_TOKENS:
+        return
+    need = next(n for n in range(MIN_SPLIT_TOKENS, 10**9) if min(_split_sizes(n, val_fraction)) >= MIN_SPLIT_TOKENS)
+    raise UserError(
+        f"corpus {source} has {n_chars} character{'' if n_chars == 1 else 's'}: too few to give both a train and "
+        f"a validation split (val_fraction {val_fraction}); it needs at least {need} characters, and to train, "
+        "each split needs more than block_size tokens"
+    )
+
+
+def check_token_counts(n_train: int, n_val: int, n_chars: int, source: str) -> None:
+    if n_train >= MIN_SPLIT_TOKENS and n_val >= MIN_SPLIT_TOKENS:
+        return
+    raise UserError(
+        f"corpus {source} ({n_chars} characters) encodes to {n_train} train and {n_val} validation tokens; "
+        f"each split needs at least {MIN_SPLIT_TOKENS} (and more than block_size to train): use a larger corpus"
+    )
+
+
+def _write_durably(path: Path, write: Callable[[Any], None]) -> None:
+    """Create `path` in the staging folder (ours, fresh, private) and flush it to the disk."""
+    with open(path, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_prepared(target: Path, flag: str, meta: dict, tok: Tokenizer, train_ids: np.ndarray,
+                    val_ids: np.ndarray) -> None:
+    """Build the folder in a temporary sibling, then move it in: a crash or a full disk never
+    leaves half a dataset, and an old dataset of ours loses only the files slmkit wrote."""
+    if _legacy_prepared(target):
+        record_files(target, PREPARED_KIND, PREPARED_FILES)  # adopt it, so only these four are replaced
+    with staged_folder(target, PREPARED_KIND, True, flag, last="meta.json") as stage:
+        _write_durably(stage / "train.bin", train_ids.tofile)
+        _write_durably(stage / "val.bin", val_ids.tofile)
+        tok_json = json.dumps(tok.to_dict(), ensure_ascii=False).encode("utf-8")
+        _write_durably(stage / "tokenizer.json", lambda f: f.write(tok_json))
+        # meta.json last: it is what says "a dataset is here"
+        _write_durably(stage / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
+        if _reusable(target, meta["key"]) is not None:
+            raise _PreparedMeanwhile  # the cache entry appeared while we encoded: leave it as it is
 
 
 def open_prepared(path: str | Path) -> PreparedData:
@@ -256,9 +355,14 @@ def open_prepared(path: str | Path) -> PreparedData:
     if not meta_path.is_file():
         raise UserError(f"{d} is not a prepared dataset (no meta.json)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{meta_path} is corrupted") from None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{meta_path} is corrupted (not valid JSON); delete {d} and prepare again") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {meta_path}: {exc.strerror or exc}") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{meta_path} is malformed ({problem}); delete {d} and prepare again")
     tok = load_tokenizer(d / "tokenizer.json")
     for split in ("train", "val"):
         expected = meta["tokens"][split] * np.dtype(meta["dtype"]).itemsize
@@ -268,14 +372,36 @@ def open_prepared(path: str | Path) -> PreparedData:
     return PreparedData(d, meta, tok)
 
 
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _meta_problem(meta: Any) -> str:
+    """What is wrong with a meta.json's contents ('' when nothing): every key the readers use."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    if meta.get("dtype") not in DTYPES:
+        return f"'dtype' must be one of {', '.join(DTYPES)}, got {meta.get('dtype')!r}"
+    for key in ("tokens", "chars"):
+        v = meta.get(key)
+        if not isinstance(v, dict) or not all(_is_count(v.get(s)) for s in ("train", "val")):
+            return f"'{key}' must hold non-negative integer 'train' and 'val' counts"
+    if not isinstance(meta.get("source"), str):
+        return "'source' must be a string"
+    if "key" in meta and not isinstance(meta["key"], str):
+        return "'key' must be a string"
+    return ""
+
+
 # ----------------------------------------------------------------------------- batches
 
 
-def check_split_length(n_tokens: int, block_size: int, split: str) -> None:
+def check_split_length(n_tokens: int, block_size: int, split: str, need_chars: int = 0) -> None:
     if n_tokens < block_size + 1:
+        size = f"a corpus of about {need_chars:,} characters or more, " if need_chars else "a larger corpus, "
         raise UserError(
             f"the {split} split has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
-            "use a larger corpus, a smaller --block-size or a different --val-fraction"
+            f"use {size}a smaller --block-size or a different --val-fraction"
         )
 
 

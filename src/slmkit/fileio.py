@@ -303,12 +303,16 @@ def check_output_folder(target: Path, kind: str, overwrite: bool, flag: str) -> 
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | Path, kind: str, overwrite: bool, flag: str = "--out") -> Iterator[Path]:
+def staged_folder(
+    target: str | Path, kind: str, overwrite: bool, flag: str = "--out", last: str | None = None
+) -> Iterator[Path]:
     """Build a whole output folder in a temporary sibling, then move it into `target`.
 
     Nothing appears in `target` until every file was written: a full disk or an error half way
     leaves `target` as it was. `target` must be new, empty, or slmkit output of the same kind with
-    `overwrite` (only slmkit's files are replaced; the user's stay).
+    `overwrite` (only slmkit's files are replaced; the user's stay). When `target` exists, the new
+    files replace the old ones one rename each, `last` (the file that marks the output complete,
+    e.g. meta.json) after all others, and only then are old files the new output lacks removed.
     """
     target = Path(target)
     check_output_folder(target, kind, overwrite, flag)
@@ -321,7 +325,7 @@ def staged_folder(target: str | Path, kind: str, overwrite: bool, flag: str = "-
     try:
         yield stage
         names = sorted(p.name for p in stage.iterdir())
-        _install_stage(stage, target, kind, names, overwrite)
+        _install_stage(stage, target, kind, names, last)
     except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
         if _is_write_failure(exc):
@@ -329,16 +333,21 @@ def staged_folder(target: str | Path, kind: str, overwrite: bool, flag: str = "-
         raise
 
 
-def _install_stage(stage: Path, target: Path, kind: str, names: list[str], overwrite: bool) -> None:
+def _install_stage(stage: Path, target: Path, kind: str, names: list[str], last: str | None) -> None:
     os.chmod(stage, DIR_MODE)
     if not target.exists():
         write_marker(stage, kind, names)
         os.replace(stage, target)  # one rename: the folder appears complete or not at all
         return
-    if overwrite and read_marker(target) is not None:
-        remove_owned(target)
-    for name in names:
+    old = (read_marker(target) or {}).get("files", [])
+    if last in names:
+        (target / last).unlink(missing_ok=True)  # the old output no longer looks complete
+    write_marker(target, kind, sorted(set(old) | set(names)))
+    for name in sorted(names, key=lambda n: n == last):
         os.replace(stage / name, target / name)
+    for name in set(old) - set(names):
+        if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
+            (target / name).unlink(missing_ok=True)
     write_marker(target, kind, names)
     shutil.rmtree(stage, ignore_errors=True)
 

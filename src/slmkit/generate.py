@@ -8,21 +8,45 @@ the maximum is --max-new-tokens, and a sequence longer than the context slides i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from slmkit.config import SEED_LIMIT, show
 from slmkit.errors import UserError
 from slmkit.inference import decoding_model
 from slmkit.model import GPT
 from slmkit.tokenizers import Tokenizer
 
+# Below this temperature sampling is greedy: logits / 1e-45 overflows to inf (NaN probabilities),
+# and any temperature this small already puts all the probability on the most likely token.
+GREEDY_BELOW = 1e-5
+MAX_NEW_TOKENS = 10**7
+MAX_SAMPLES = 10**5
+
+
+def _int_option(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"--{name} must be an integer, got {show(value)}")
+    if not low <= value <= high:
+        raise UserError(f"--{name} must be between {low:,} and {high:,}, got {show(value)}")
+
+
+def _float_option(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"--{name} must be a finite number, got {show(value)}")
+    return float(value)
+
 
 @dataclass
 class GenerationConfig:
+    """How to sample. temperature 0 is greedy (always the most likely token), and so is any
+    temperature below GREEDY_BELOW (1e-5), which would otherwise overflow the logits."""
+
     max_new_tokens: int = 200
-    temperature: float = 0.8  # 0 = greedy
+    temperature: float = 0.8  # 0 (or below 1e-5) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     stop: tuple[str, ...] = ()
@@ -33,16 +57,20 @@ class GenerationConfig:
     weights: str = "auto"  # "int8": weight-only int8 linears on CPU (checked by slmkit.inference)
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise UserError("--max-new-tokens must not be negative")
-        if self.temperature < 0:
+        _int_option("max-new-tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS)
+        if _float_option("temperature", self.temperature) < 0:
             raise UserError("--temperature must not be negative (0 = greedy)")
-        if self.top_k < 0:
-            raise UserError("--top-k must not be negative (0 = off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError("--top-p must be in (0, 1]")
-        if self.num_samples < 1:
-            raise UserError("--num-samples must be at least 1")
+        _int_option("top-k", self.top_k, 0, 2**62)
+        if not 0.0 < _float_option("top-p", self.top_p) <= 1.0:
+            raise UserError(f"--top-p must be in (0, 1], got {show(self.top_p)}")
+        _int_option("num-samples", self.num_samples, 1, MAX_SAMPLES)
+        if self.seed is not None:
+            # Sample i uses seed + i; torch.Generator.manual_seed takes values below 2**64.
+            _int_option("seed", self.seed, 0, SEED_LIMIT - 1)
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise UserError(f"stop must be a list of strings, got {show(self.stop)}")
+        if any(s == "" for s in self.stop):
+            raise UserError("a stop string must not be empty")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -55,6 +83,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[..., 0] = False  # explicitly: a top_p below float32's smallest value rounds to 0 here
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
@@ -62,9 +91,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def next_token(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator | None) -> int:
     logits = logits.float().view(-1)
-    if gen.temperature == 0:
+    top = logits.max()  # NaN if any logit is NaN
+    if not torch.isfinite(top):
+        raise UserError("the model's output is not a finite number: its weights are corrupted or training diverged")
+    if gen.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
-    logits = filter_logits(logits / gen.temperature, gen.top_k, gen.top_p)
+    # Shifted so the largest logit is 0: dividing by a small temperature can then only push the
+    # others towards -inf (probability 0), never overflow to +inf.
+    logits = filter_logits((logits - top) / gen.temperature, gen.top_k, gen.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=rng))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -147,3 +149,44 @@ def barrier(ddp: Distributed) -> None:
 def shutdown_distributed(ddp: Distributed) -> None:
     if ddp.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, `timeout`) while training.
+
+    The first signal only sets `signum`: the loop finishes the step it is in (its evaluation and
+    checkpoint included), saves, and exits. Stopping mid-step would save an RNG state that already
+    covers part of the next step, or weights half updated, and resume would not be exact. A second
+    Ctrl-C raises KeyboardInterrupt at once; the last checkpoint on disk is still whole.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.signum: int | None = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving "
+              "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+    def requested(self, ddp: Distributed, device: torch.device) -> int | None:
+        """The signal to stop for, agreed by every rank (one of them may have been signalled alone)."""
+        if ddp.enabled:
+            flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag) or None
+        return self.signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)  # type: ignore[arg-type]

@@ -8,10 +8,12 @@ never meets the wrong vocabulary; `fingerprint()` identifies it.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from slmkit.config import show as _show
 from slmkit.errors import UserError
 
 # The fine-tuning tokens of GPT-1 (start `s`, delimiter `$`, extract `e`) plus end of text.
@@ -54,6 +57,34 @@ def unicode_to_bytes() -> dict[str, int]:
 
 def _threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
+
+
+def _need(d: dict[str, Any], name: str, kind: type, what: str) -> Any:
+    """Field `name` of a saved tokenizer, of type `kind`, or a one-line error."""
+    if name not in d:
+        raise UserError(f"missing field {name!r}")
+    value = d[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f"field {name!r} must be {what}, got {_show(value)}")
+    return value
+
+
+@contextlib.contextmanager
+def _foreign(what: str) -> Iterator[None]:
+    """Errors of the Rust libraries (HF tokenizers, tiktoken) on bad data as one-line UserErrors.
+
+    Their Python exceptions are plain `Exception`s, and a Rust panic arrives as pyo3's
+    PanicException, which derives from BaseException: both mean 'this data is not usable'.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except BaseException as exc:
+        if not (isinstance(exc, Exception) or type(exc).__name__ == "PanicException"):
+            raise  # KeyboardInterrupt, SystemExit
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{what}: {reason}") from None
 
 
 class Tokenizer(ABC):
@@ -160,6 +191,21 @@ class CharTokenizer(Tokenizer):
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": self.chars}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
+        chars = _need(d, "chars", list, "a list of single characters")
+        if not chars:
+            raise UserError("field 'chars' is empty: a character vocabulary needs at least one character")
+        for i, c in enumerate(chars):
+            if not isinstance(c, str) or len(c) != 1:
+                raise UserError(f"chars[{i}] must be a single character, got {_show(c)}")
+            if 0xD800 <= ord(c) <= 0xDFFF:  # a lone surrogate cannot be encoded as UTF-8 text
+                raise UserError(f"chars[{i}] is a lone surrogate (U+{ord(c):04X}), not a character")
+        repeated = [c for c, n in Counter(chars).items() if n > 1]
+        if repeated:
+            raise UserError(f"field 'chars' lists {_show(repeated[0])} more than once")
+        return cls(chars)
+
 
 class HFByteLevelTokenizer(Tokenizer):
     """Byte-level BPE in a HF `tokenizers` object: trained on the corpus (kind "bpe")."""
@@ -218,7 +264,43 @@ class HFByteLevelTokenizer(Tokenizer):
     def from_dict(cls, d: dict[str, Any]) -> HFByteLevelTokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_str(json.dumps(d["hf"])))
+        payload = _need(d, "hf", dict, "a HF tokenizers object")
+        model = payload.get("model")
+        if isinstance(model, dict) and model.get("type", "BPE") != "BPE":
+            raise UserError(f"the 'hf' tokenizer is a {_show(model.get('type'))} model, not byte-level BPE")
+        with _foreign("HF tokenizers refuses the BPE tokenizer"):
+            hf = HFTokenizer.from_str(json.dumps(payload))
+            vocab = hf.get_vocab()
+        _check_byte_level(vocab)
+        return cls(hf)
+
+
+def _check_byte_level(vocab: dict[str, int]) -> None:
+    """Every token of a byte-level vocabulary is a special token or spelled in GPT-2's byte alphabet;
+    anything else could not be decoded back to bytes."""
+    if not vocab:
+        raise UserError("the vocabulary is empty")
+    alphabet = unicode_to_bytes()
+    for tok in vocab:
+        if tok not in SPECIAL_TOKENS and (not tok or any(c not in alphabet for c in tok)):
+            raise UserError(f"token {_show(tok)} is not a byte-level BPE token")
+
+
+def _check_gpt2_vocab(encoder: dict[str, Any], merges: list[Any]) -> None:
+    """What tiktoken needs to encode without a Rust panic: ids 0..N-1, byte-level tokens, and a
+    token for every single byte (the pieces a merge-less word falls back to)."""
+    for tok, i in encoder.items():
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise UserError(f"the id of token {_show(tok)} must be an integer, got {_show(i)}")
+    if sorted(encoder.values()) != list(range(len(encoder))):
+        raise UserError("token ids must be 0..N-1, each used once")
+    _check_byte_level(encoder)
+    missing = [c for c in bytes_to_unicode().values() if c not in encoder]
+    if missing:
+        raise UserError(f"{len(missing)} of the 256 single-byte tokens are missing (for example {missing[0]!r})")
+    bad = next((m for m in merges if not isinstance(m, str)), None)
+    if bad is not None:
+        raise UserError(f"merges must be strings, got {_show(bad)}")
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -229,14 +311,16 @@ class GPT2Tokenizer(Tokenizer):
     def __init__(self, encoder: dict[str, int], merges: list[str]):
         import tiktoken
 
+        _check_gpt2_vocab(encoder, merges)
         self.encoder = encoder
         self.merges = merges
         byte_of = unicode_to_bytes()
         # In GPT-2's files a token's id is its merge rank, so the encoder is tiktoken's rank table.
         ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if tok != EOT}
         eot = encoder.get(EOT, len(encoder) - 1)
-        self._enc = tiktoken.Encoding("gpt2-slmkit", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                      special_tokens={EOT: eot})
+        with _foreign("tiktoken refuses the GPT-2 vocabulary"):
+            self._enc = tiktoken.Encoding("gpt2-slmkit", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                          special_tokens={EOT: eot})
         self._bytes = [b""] * len(encoder)
         for b, i in ranks.items():
             self._bytes[i] = b
@@ -245,16 +329,26 @@ class GPT2Tokenizer(Tokenizer):
 
     @classmethod
     def from_files(cls, vocab_dir: str | Path) -> GPT2Tokenizer:
+        from slmkit.fileio import read_json, read_utf8
+
         d = Path(vocab_dir)
         enc_path, bpe_path = d / "encoder.json", d / "vocab.bpe"
         for p in (enc_path, bpe_path):
             if not p.is_file():
                 raise UserError(f"GPT-2 vocabulary file not found: {p} (--vocab-dir needs encoder.json and vocab.bpe)")
+        encoder = read_json(enc_path, "GPT-2 vocabulary file")
+        if not isinstance(encoder, dict):
+            raise UserError(f"{enc_path} must map tokens to ids, got {type(encoder).__name__}")
+        merges = [ln for ln in read_utf8(bpe_path, "GPT-2 merges file").splitlines()[1:] if ln.strip()]
         try:
-            encoder = json.loads(enc_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{enc_path} is not valid JSON: {exc}") from None
-        merges = [ln for ln in bpe_path.read_text(encoding="utf-8").splitlines()[1:] if ln.strip()]
+            return cls(encoder, merges)
+        except UserError as exc:
+            raise UserError(f"{enc_path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPT2Tokenizer:
+        encoder = _need(d, "encoder", dict, "a map of tokens to ids")
+        merges = _need(d, "merges", list, "a list of merges")
         return cls(encoder, merges)
 
     @property
@@ -278,9 +372,9 @@ class GPT2Tokenizer(Tokenizer):
 
 # Other kinds (the GPT-1 vocabulary) register themselves here from their own modules.
 TOKENIZER_KINDS: dict[str, Any] = {
-    "char": lambda d: CharTokenizer(d["chars"]),
+    "char": CharTokenizer.from_dict,
     "bpe": HFByteLevelTokenizer.from_dict,
-    "gpt2": lambda d: GPT2Tokenizer(d["encoder"], d["merges"]),
+    "gpt2": GPT2Tokenizer.from_dict,
 }
 
 
@@ -291,10 +385,14 @@ _KIND_MODULES = {"gpt1": "slmkit.interop.gpt1_tokenizer", "with-specials": "slmk
 
 
 def _import_kind(kind: Any) -> None:
-    if kind in _KIND_MODULES and kind not in TOKENIZER_KINDS:
+    # `kind` may come from a file: only a known name (a string) ever leads to an import.
+    if isinstance(kind, str) and kind in _KIND_MODULES and kind not in TOKENIZER_KINDS:
         import importlib
 
-        importlib.import_module(_KIND_MODULES[kind])
+        try:
+            importlib.import_module(_KIND_MODULES[kind])
+        except ImportError as exc:
+            raise UserError(f"the {kind} tokenizer needs {exc.name or 'a module'}, which is not installed") from None
 
 
 def has_named_tokenizer(name: str) -> bool:
@@ -302,12 +400,25 @@ def has_named_tokenizer(name: str) -> bool:
     return name in NAMED_TOKENIZERS
 
 
-def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+def tokenizer_from_dict(d: dict[str, Any], where: str = "saved tokenizer") -> Tokenizer:
+    """A tokenizer from its `to_dict()` form; malformed data is a one-line UserError naming `where`."""
     kind = d.get("kind") if isinstance(d, dict) else None
+    if kind is None:
+        raise UserError(f"{where}: not a tokenizer (expected a JSON object with a 'kind' field)")
     _import_kind(kind)
-    if kind not in TOKENIZER_KINDS:
-        raise UserError(f"unknown tokenizer kind {kind!r} in saved tokenizer")
-    return TOKENIZER_KINDS[kind](d)
+    if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
+        raise UserError(f"{where}: unknown tokenizer kind {_show(kind)}; known: {', '.join(sorted(TOKENIZER_KINDS))}")
+    try:
+        return TOKENIZER_KINDS[kind](d)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    # Kinds registered by other modules read fields directly: a missing or mistyped one surfaces
+    # as one of these, which here can only mean a malformed file.
+    except KeyError as exc:
+        raise UserError(f"{where}: malformed {kind} tokenizer: missing or unknown entry {exc}") from None
+    except (TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{where}: malformed {kind} tokenizer: {reason}") from None
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
@@ -317,14 +428,18 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    from slmkit.fileio import read_utf8
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"tokenizer file not found: {p}")
+    text = read_utf8(p, "tokenizer file")
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"tokenizer file {p} is corrupted (not valid JSON)") from None
-    return tokenizer_from_dict(d)
+        d = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        why = f"line {exc.lineno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise UserError(f"tokenizer file {p} is corrupted: not valid JSON ({why})") from None
+    return tokenizer_from_dict(d, where=f"tokenizer file {p}")
 
 
 def named_tokenizer(name: str, vocab_dir: str = "") -> Tokenizer:

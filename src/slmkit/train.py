@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -19,20 +21,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from slmkit.budget import check_fits, training_memory
 from slmkit.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
 from slmkit.config import RunConfig, TrainConfig
 from slmkit.data import (
     PreparedData,
-    check_split_length,
     fixed_offsets,
     gather,
     open_prepared,
     prepare,
     train_batch_offsets,
 )
-from slmkit.errors import UserError
+from slmkit.errors import Interrupted, UserError
+from slmkit.fileio import (
+    FolderLock,
+    append_line,
+    atomic_write,
+    atomic_write_text,
+    open_run_folder,
+    read_utf8,
+    record_files,
+)
 from slmkit.model import GPT
 from slmkit.runtime import (
+    StopRequests,
     all_reduce_sum,
     autocast,
     barrier,
@@ -44,6 +56,8 @@ from slmkit.runtime import (
 )
 
 METRICS, PLOT, SAMPLES, CONFIG, TOKENIZER = "metrics.jsonl", "loss.png", "samples.txt", "config.json", "tokenizer.json"
+DATA_INFO = "data.json"
+RUN_KIND = "run"  # the ownership marker's kind for pre-training run folders
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -70,29 +84,46 @@ class TrainResult:
 
 
 class MetricsLog:
-    """Append-only JSONL of training records (rank 0 only)."""
+    """Append-only JSONL of training records (rank 0 only); never written through a symlink."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records the interrupted run wrote after its last checkpoint."""
+        """On resume, drop what the interrupted run wrote after its last checkpoint, and the final
+        evaluation (the resumed run writes it again when it reaches the end)."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [r for r in read_metrics(self.path.parent)
+                if r.get("step", 0) <= step and "final_val_loss" not in r]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a line that is not a JSON record (a torn write, an edit) is
+    skipped with one warning, never a traceback."""
     p = Path(run_dir) / METRICS
     if not p.is_file():
         return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    records, bad = [], 0
+    for line in read_utf8(p, "metrics file").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        print(f"warning: skipped {bad} malformed line(s) in {p}", file=sys.stderr)
+    return records
 
 
 class Progress:
@@ -121,7 +152,8 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, data: PreparedData, resume_from: Path | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: PreparedData, resume_from: Path | None = None,
+                 force: bool = False):
         self.cfg, self.run_dir, self.data = cfg, run_dir, data
         t = cfg.train
         self.ddp, self.device = init_distributed(t.device)
@@ -134,9 +166,11 @@ class Trainer:
                 f"model vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size}"
             )
         self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
-        check_split_length(len(self.train_tokens), cfg.model.block_size, "train")
-        check_split_length(len(self.val_tokens), cfg.model.block_size, "validation")
+        data.check_block_size(cfg.model.block_size)
 
+        estimate = training_memory(cfg.model, cfg.model.vocab_size, t.batch_size, self.dtype != torch.float32)
+        check_fits(estimate, f"training this {cfg.model.n_layer}-layer, {cfg.model.n_embd}-wide model",
+                   self.device.type, force)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = GPT(cfg.model).to(self.device)
         self.params = self.model.num_params()
@@ -262,61 +296,35 @@ class Trainer:
     def fit(self, stop_after_step: int | None = None, progress: bool = True,
             on_eval: Callable[[int, float], bool | None] | None = None) -> TrainResult:
         """Train to max_iters. `on_eval(step, val_loss)` runs after each evaluation (metrics and
-        checkpoints written): a truthy return stops training there; an exception propagates."""
+        checkpoints written): a truthy return stops training there; an exception propagates.
+        SIGINT/SIGTERM stop at the next step boundary with a checkpoint (see StopRequests)."""
         t = self.cfg.train
         self.model.train()
-        tokens_per_step = t.batch_size * t.grad_accum * self.ddp.world_size * self.cfg.model.block_size
         bar = Progress(t.max_iters, self.step, progress and self.ddp.is_main)
         start = time.perf_counter()
-        window_start, window_steps, tok_s = time.perf_counter(), 0, 0.0
+        self._window = (time.perf_counter(), 0)
         history: list[dict[str, Any]] = []
-        val_loss = None
-        try:
+        with StopRequests() as stops:
             while self.step < t.max_iters:
                 loss_t = self.train_step(self.step)
                 self.step += 1
-                window_steps += 1
-                done = self.step == t.max_iters
                 elapsed = self.elapsed_before + time.perf_counter() - start
-                log_now = self.step % t.log_interval == 0 or done
-                eval_now = self.step % t.eval_interval == 0 or done
-                record: dict[str, Any] = {"step": self.step}
-                if log_now or eval_now:
-                    loss = float(all_reduce_sum(loss_t.clone(), self.ddp)) / self.ddp.world_size
-                    now = time.perf_counter()
-                    tok_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-                    window_start, window_steps = now, 0
-                    record.update(loss=loss, lr=lr_at(self.step - 1, t), tokens_per_s=round(tok_s, 1),
-                                  elapsed=round(elapsed, 3))
-                if eval_now:
-                    val_loss = self.fixed_loss(self.val_tokens, self._val_offsets)
-                    record["val_loss"] = val_loss
-                    record["train_eval_loss"] = self.fixed_loss(self.train_tokens, self._train_eval_offsets)
-                    if val_loss < self.best_val:
-                        self.best_val = val_loss
-                        self.save(BEST, elapsed, with_optimizer=False)
-                    self.save(LAST, elapsed, with_optimizer=True)
-                    window_start = time.perf_counter()  # evaluation time does not count as training speed
-                elif t.checkpoint_interval and self.step % t.checkpoint_interval == 0:
-                    self.save(LAST, elapsed, with_optimizer=True)
+                record, saved = self._after_step(loss_t, elapsed)
                 if len(record) > 1:
-                    self.metrics.write(record)
                     history.append(record)
-                    if eval_now and self.ddp.is_main:
-                        plot_losses(self.run_dir)
-                if log_now or eval_now:
-                    bar.update(self.step, {"loss": f"{record['loss']:.4f}",
-                                           "val": f"{val_loss:.4f}" if val_loss is not None else None,
-                                           "tok/s": f"{tok_s:,.0f}"}, line=True)
+                    bar.update(self.step, self._progress_info(record), line=True)
+                signum = stops.requested(self.ddp, self.device)
+                if signum is not None:
+                    if not saved:
+                        self.save(LAST, elapsed, with_optimizer=True)
+                    bar.close()
+                    name = signal.Signals(signum).name
+                    raise Interrupted(f"{name}: stopped and saved at step {self.step}; continue with: "
+                                      f"slm train --resume {self.run_dir}", signum)
                 if stop_after_step is not None and self.step >= stop_after_step:
                     break
-                if eval_now and on_eval is not None and on_eval(self.step, val_loss):
+                if "val_loss" in record and on_eval is not None and on_eval(self.step, record["val_loss"]):
                     break
-        except KeyboardInterrupt:
-            # Keep what was learned: the last checkpoint after an interrupt resumes like any other.
-            self.save(LAST, self.elapsed_before + time.perf_counter() - start, with_optimizer=True)
-            bar.close()
-            raise UserError(f"interrupted at step {self.step}; continue: slm train --resume {self.run_dir}") from None
         bar.close()
         barrier(self.ddp)
         elapsed = self.elapsed_before + time.perf_counter() - start
@@ -327,6 +335,52 @@ class Trainer:
             params=self.params, tokens_per_s=float(np.median(speeds)) if speeds else 0.0,
             elapsed=elapsed, history=history,
         )
+
+    def _after_step(self, loss_t: torch.Tensor, elapsed: float) -> tuple[dict[str, Any], bool]:
+        """Log, evaluate and checkpoint after a finished step; returns (record, whether LAST was saved).
+
+        The record reaches metrics.jsonl before the checkpoint: a kill between the two leaves a
+        record past the checkpoint, which resume drops and writes again, never a missing one."""
+        t = self.cfg.train
+        done = self.step == t.max_iters
+        log_now = self.step % t.log_interval == 0 or done
+        eval_now = self.step % t.eval_interval == 0 or done
+        ckpt_now = eval_now or bool(t.checkpoint_interval and self.step % t.checkpoint_interval == 0)
+        record: dict[str, Any] = {"step": self.step}
+        window_start, window_steps = self._window
+        window_steps += 1
+        if log_now or eval_now:
+            loss = float(all_reduce_sum(loss_t.clone(), self.ddp)) / self.ddp.world_size
+            now = time.perf_counter()
+            tokens_per_step = t.batch_size * t.grad_accum * self.ddp.world_size * self.cfg.model.block_size
+            tok_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+            window_start, window_steps = now, 0
+            record.update(loss=loss, lr=lr_at(self.step - 1, t), tokens_per_s=round(tok_s, 1),
+                          elapsed=round(elapsed, 3))
+        new_best = False
+        if eval_now:
+            record["val_loss"] = self.fixed_loss(self.val_tokens, self._val_offsets)
+            record["train_eval_loss"] = self.fixed_loss(self.train_tokens, self._train_eval_offsets)
+            new_best = record["val_loss"] < self.best_val
+            if new_best:
+                self.best_val = record["val_loss"]
+            window_start = time.perf_counter()  # evaluation time does not count as training speed
+        self._window = (window_start, window_steps)
+        if len(record) > 1:
+            self.metrics.write(record)
+        if new_best:
+            self.save(BEST, elapsed, with_optimizer=False)
+        if ckpt_now:
+            self.save(LAST, elapsed, with_optimizer=True)
+        if eval_now and self.ddp.is_main:
+            plot_losses(self.run_dir)
+        return record, ckpt_now
+
+    @staticmethod
+    def _progress_info(record: dict[str, Any]) -> dict[str, Any]:
+        return {"loss": f"{record['loss']:.4f}" if "loss" in record else None,
+                "val": f"{record['val_loss']:.4f}" if "val_loss" in record else None,
+                "tok/s": f"{record['tokens_per_s']:,.0f}" if "tokens_per_s" in record else None}
 
 
 class _null:
@@ -358,38 +412,56 @@ def plot_losses(run_dir: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(run_dir) / f".{PLOT}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(Path(run_dir) / PLOT)
+    try:
+        atomic_write(Path(run_dir) / PLOT, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
-def write_run_files(run_dir: Path, cfg: RunConfig, data: PreparedData) -> None:
-    from slmkit.fileio import atomic_write_text
+RUN_FILES = (CONFIG, TOKENIZER, DATA_INFO, METRICS, PLOT, LAST, BEST, SAMPLES)
+
+
+def legacy_run_files(folder: Path) -> list[str] | None:
+    """A run folder written before ownership markers: it holds one of our checkpoints."""
+    for name in (LAST, BEST):
+        if (folder / name).is_file() and not (folder / name).is_symlink():
+            try:
+                load_checkpoint(folder / name)
+            except UserError:
+                return None
+            return [n for n in RUN_FILES if (folder / n).exists()]
+    return None
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, data: PreparedData, resolved: dict[str, str]) -> None:
+    """config.json (with the device and dtype actually used), tokenizer.json and data.json."""
     from slmkit.tokenizers import save_tokenizer
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG, cfg.to_json())
+    record_files(run_dir, RUN_KIND, RUN_FILES)
+    saved = cfg.to_dict()
+    saved["resolved"] = resolved
+    atomic_write_text(run_dir / CONFIG, json.dumps(saved, indent=2))
     save_tokenizer(data.tokenizer, run_dir / TOKENIZER)
-    atomic_write_text(run_dir / "data.json", json.dumps({"prepared_dir": str(data.dir), **data.meta}, indent=2))
+    atomic_write_text(run_dir / DATA_INFO, json.dumps({"prepared_dir": str(data.dir), **data.meta}, indent=2))
 
 
-def prepare_run(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool, prepared_dir: str | None = None):
-    """Check the run directory and get the data; returns (data, checkpoint to resume from or None)."""
-    if resume:
-        last = run_dir / LAST
-        if not last.is_file():
+def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> FolderLock:
+    """Lock the run folder for this process and check it may be written (see fileio)."""
+    lock = open_run_folder(run_dir, RUN_KIND, overwrite and not resume, "--out-dir", legacy=legacy_run_files)
+    try:
+        links = [n for n in RUN_FILES if (run_dir / n).is_symlink()]
+        if links:
+            raise UserError(f"{run_dir / links[0]} is a symbolic link; slmkit does not write through links it "
+                            "did not make (remove it)")
+        if resume and not (run_dir / LAST).is_file():
             raise UserError(f"--resume: {run_dir} holds no {LAST} to continue from")
-    elif (run_dir / LAST).exists() or (run_dir / BEST).exists():
-        if not overwrite:
-            raise UserError(
-                f"{run_dir} already holds a trained run; use --resume to continue it, --overwrite to start over, "
-                "or another --out-dir"
-            )
-        for name in (LAST, BEST, METRICS, PLOT, SAMPLES):
-            (run_dir / name).unlink(missing_ok=True)
-    data = open_prepared(prepared_dir) if prepared_dir else prepare(cfg.data)
-    return data, (run_dir / LAST if resume else None)
+        if not resume and ((run_dir / LAST).exists() or (run_dir / BEST).exists()):
+            raise UserError(f"{run_dir} already holds a trained run; use --resume to continue it, --overwrite to "
+                            "start over, or another --out-dir")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def train(
@@ -402,18 +474,23 @@ def train(
     prepared_dir: str | None = None,
     final_eval: bool = True,
     on_eval: Callable[[int, float], bool | None] | None = None,
+    force: bool = False,
 ) -> TrainResult:
-    """Pre-train (or continue) a model; the library entry point behind `slm train`."""
+    """Pre-train (or continue) a model; the library entry point behind `slm train`.
+
+    `force` trains even when the memory estimate exceeds the free memory."""
     from slmkit.evaluation import score_tokens
 
     run_dir = Path(run_dir)
     cfg.validate()
-    data, resume_from = prepare_run(cfg, run_dir, resume, overwrite, prepared_dir)
-    trainer = Trainer(cfg, run_dir, data, resume_from)
+    lock = claim_run_dir(run_dir, resume, overwrite) if int(os.environ.get("RANK", "0")) == 0 else None
+    trainer = None
     try:
+        data = open_prepared(prepared_dir) if prepared_dir else prepare(cfg.data)
+        trainer = Trainer(cfg, run_dir, data, run_dir / LAST if resume else None, force=force)
         if trainer.ddp.is_main:
-            write_run_files(run_dir, cfg, data)
-            if resume_from is not None:
+            write_run_files(run_dir, cfg, data, {"device": str(trainer.device), "dtype": str(trainer.dtype)})
+            if resume:
                 trainer.metrics.truncate_after(trainer.step)
         barrier(trainer.ddp)
         result = trainer.fit(stop_after_step=stop_after_step, progress=progress, on_eval=on_eval)
@@ -430,11 +507,13 @@ def train(
                               trainer.device, trainer.dtype, cfg.train.seed)
         return result
     finally:
-        shutdown_distributed(trainer.ddp)
+        if trainer is not None:
+            shutdown_distributed(trainer.ddp)
+        if lock is not None:
+            lock.release()
 
 
 def write_samples(model, tokenizer, path: Path, max_new_tokens: int, device, dtype, seed: int, n: int = 3) -> None:
-    from slmkit.fileio import atomic_write_text
     from slmkit.generate import GenerationConfig, generate_text
 
     model = unwrap(model)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from slmkit.errors import UserError
+from slmkit.fileio import atomic_write_text
 from slmkit.finetune.loop import FinetuneConfig, FineTuned, finetune
 from slmkit.finetune.tasks import FAMILIES, FORMATS, TASKS, get_task, read_examples, spec_from_flags
 
@@ -48,26 +49,36 @@ def cmd_finetune(args: argparse.Namespace) -> None:
           f"{r.elapsed:.0f}s -> {out}")
 
 
-def _open_out(path: str | None):
-    if not path or path == "-":
-        return sys.stdout
-    return open(path, "w", encoding="utf-8")
+def check_output_file(path: str, overwrite: bool) -> Path:
+    """A file the command may (atomically) write: new, or replaced only when the user says so."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--output {p} is a directory; give a file name")
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise UserError(f"--output {p} already exists; pass --overwrite to replace it or choose another file")
+    return p
+
+
+def _write_rows(rows: list[dict], output: str | None, overwrite: bool) -> None:
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if not output or output == "-":
+        sys.stdout.write(lines)
+        return
+    # Whole or not at all: a full disk or a crash never leaves half a predictions file, and a
+    # symlink at the name is replaced, not followed.
+    atomic_write_text(check_output_file(output, overwrite), lines)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     _set_threads(args)
+    if args.output and args.output != "-":
+        check_output_file(args.output, args.overwrite)  # before the model loads, not after it ran
     ft = FineTuned.load(args.run, args.device, args.dtype)
     read = read_examples(ft.spec, args.input, require_label=False, fmt="plain" if args.plain else None)
     if read.report():
         print(f"note: {read.report()}", file=sys.stderr)
     rows = ft.predict(read.examples, args.batch_size)
-    out = _open_out(args.output)
-    try:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    _write_rows(rows, args.output, args.overwrite)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -115,7 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dev", required=True, help="development file (best epoch is chosen on it)")
     p.add_argument("--test", help="optional test file, scored once with the best-on-dev checkpoint")
     p.add_argument("--out-dir", help="run directory (runs/ft-TASK when not given)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing fine-tuned run in --out-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing fine-tuned run in --out-dir (only the files slmkit wrote)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     h = p.add_argument_group("hyperparameters (defaults: GPT-1's)")
     h.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate")
@@ -159,6 +171,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plain", action="store_true",
                    help="input is one example per line: tab-separated texts (then answers), no header")
     p.add_argument("--output", help="write the JSON lines to this file instead of stdout")
+    p.add_argument("--overwrite", action="store_true", help="replace the --output file when it exists")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     _device_args(p)
     p.set_defaults(func=cmd_predict)

@@ -7,12 +7,15 @@ classifier dropout 0.1, weight decay 0.01 on matrices, gradient clipping at 1.
 
 A fine-tuned run directory holds ckpt_best.safetensors (the best epoch on dev: GPT weights, the
 head, the task spec and label mapping), metrics.jsonl, finetune.png, log.txt and finetune.json.
+It is locked for one writer while the fine-tune runs and carries slmkit's ownership marker:
+--overwrite removes only those files, and a folder the user made is never written into.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,9 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from slmkit.checkpoint import BEST, Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
+from slmkit.checkpoint import BEST, FORMAT, Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from slmkit.errors import UserError
-from slmkit.fileio import atomic_write_text
+from slmkit.fileio import (
+    FolderLock,
+    append_line,
+    atomic_write,
+    atomic_write_text,
+    claim_folder,
+    open_run_folder,
+    read_marker,
+    record_files,
+    remove_owned,
+    user_entries,
+)
 from slmkit.finetune import metrics as M
 from slmkit.finetune.heads import FineTuneModel, add_special_tokens
 from slmkit.finetune.tasks import Example, TaskSpec, read_examples
@@ -34,7 +48,9 @@ from slmkit.runtime import autocast, can_fuse_adamw, keep_freed_memory_for_reuse
 from slmkit.tokenizers import Tokenizer
 
 METRICS_FILE, PLOT, LOG, SUMMARY = "metrics.jsonl", "finetune.png", "log.txt", "finetune.json"
+RUN_FILES = (BEST, METRICS_FILE, PLOT, LOG, SUMMARY)
 META_KEY = "finetune"
+KIND = "finetune"  # the ownership marker's kind for a fine-tuned run directory
 
 
 @dataclass
@@ -78,15 +94,26 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 class Logger:
+    """Progress lines to stderr and log.txt; lines logged before the run folder is claimed are kept
+    and written once it is (nothing is written into a folder before it is known to be ours)."""
+
     def __init__(self, path: Path | None, echo: bool):
         self.path, self.echo = path, echo
+        self.pending: list[str] = []
 
     def __call__(self, msg: str) -> None:
         if self.echo:
             print(msg, file=sys.stderr, flush=True)
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
+        if self.path is None:
+            self.pending.append(msg)
+        else:
+            append_line(self.path, msg)
+
+    def open(self, path: Path) -> None:
+        self.path = path
+        for msg in self.pending:
+            append_line(path, msg)
+        self.pending = []
 
 
 # ----------------------------------------------------------------------------- loading
@@ -130,8 +157,11 @@ class FineTuned:
         ckpt = _load_source(run)
         if META_KEY not in ckpt.meta:
             raise UserError(f"{ckpt.path} is not a fine-tuned checkpoint (no head); make one with slm finetune")
-        info = json.loads(ckpt.meta[META_KEY])
-        spec = TaskSpec.from_dict(info["spec"])
+        try:
+            info = json.loads(ckpt.meta[META_KEY])
+            spec = TaskSpec.from_dict(info["spec"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{ckpt.path} has a corrupted fine-tuning record; fine-tune again") from None
         gpt = build_model(ckpt)
         model = FineTuneModel(gpt, spec, info.get("clf_dropout", 0.1))
         head = {k[len("head."):]: v for k, v in ckpt.tensors.items() if k.startswith("head.")}
@@ -247,6 +277,130 @@ def _load_split(spec: TaskSpec, path: str | Path, tokenizer: Tokenizer, max_len:
     return read.examples, encoded
 
 
+# ----------------------------------------------------------------------------- the run folder
+
+
+def _is_finetune_checkpoint(path: Path) -> bool:
+    """Whether `path` is an slmkit fine-tuned checkpoint, from its safetensors header alone."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return False
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, struct.error, ValueError, AttributeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT and META_KEY in meta
+
+
+def legacy_finetune_files(folder: Path) -> list[str] | None:
+    """A fine-tuned run written before ownership markers: the names slmkit wrote there, else None."""
+    best = folder / BEST
+    if best.is_symlink() or not _is_finetune_checkpoint(best):
+        return None
+    return [n for n in RUN_FILES if (folder / n).is_file() and not (folder / n).is_symlink()]
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / BEST).is_file() and (
+        (read_marker(run_dir) or {}).get("kind") == KIND or legacy_finetune_files(run_dir) is not None
+    )
+
+
+def _owned_names(run_dir: Path) -> set[str]:
+    marker = read_marker(run_dir)
+    if marker is not None:
+        return set(marker.get("files", [])) if marker.get("kind") == KIND else set()
+    return set(legacy_finetune_files(run_dir) or [])
+
+
+def _refuse_foreign_names(run_dir: Path) -> None:
+    """A file of the user's under one of our names would be appended to or replaced: refuse."""
+    if not run_dir.is_dir():
+        return
+    owned = _owned_names(run_dir)
+    clash = [n for n in RUN_FILES if n not in owned and ((run_dir / n).is_symlink() or (run_dir / n).exists())]
+    if clash:
+        raise UserError(f"--out-dir {run_dir} holds {clash[0]}, which slmkit did not write; move it away or "
+                        "choose another --out-dir")
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Every refusal that needs no lock, before any model is loaded: a user's folder, other slmkit
+    output, a finished fine-tune without --overwrite. Writes nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out-dir {run_dir} exists and is not a directory")
+    if not run_dir.is_dir():
+        return
+    marker = read_marker(run_dir)
+    foreign = marker is None and legacy_finetune_files(run_dir) is None and user_entries(run_dir)
+    if foreign or (marker is not None and marker["kind"] != KIND):
+        claim_folder(run_dir, KIND, overwrite, "--out-dir", legacy_finetune_files)  # raises the one line
+    if not overwrite and _finished(run_dir):
+        raise UserError(f"--out-dir {run_dir} already holds a fine-tuned run; use --overwrite to replace it "
+                        "(files you added stay) or choose another --out-dir")
+    _refuse_foreign_names(run_dir)
+
+
+def open_finetune_dir(run_dir: Path, overwrite: bool) -> FolderLock:
+    """Lock and claim `run_dir` for this fine-tune; the caller releases the lock."""
+    check_run_dir(run_dir, overwrite)
+    lock = open_run_folder(run_dir, KIND, overwrite, "--out-dir", legacy=legacy_finetune_files)
+    try:
+        check_run_dir(run_dir, overwrite)  # again under the lock: another fine-tune may have finished
+        remove_owned(run_dir)  # what an unfinished earlier fine-tune left (or, with --overwrite, nothing)
+        # Recorded before they exist: a crash part way still leaves them ours to replace later.
+        record_files(run_dir, KIND, RUN_FILES)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass
+class _Job:
+    """Everything loaded before the run folder is claimed: a bad input fails before anything is written."""
+
+    spec: TaskSpec
+    cfg: FinetuneConfig
+    ckpt: Checkpoint
+    model: FineTuneModel
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    max_len: int
+    train_enc: list[Encoded]
+    dev: tuple[list[Example], list[Encoded]]
+    test: tuple[list[Example], list[Encoded]] | None
+    n_params: int
+
+
+def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_path: str | Path,
+              test_path: str | Path | None, cfg: FinetuneConfig, log: Logger) -> _Job:
+    ckpt = _load_source(source)
+    model, tokenizer = build_for_finetuning(ckpt, spec, cfg)
+    max_len = min(cfg.max_len or model.gpt.config.block_size, model.gpt.config.block_size)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    keep_freed_memory_for_reuse(device)  # as in pre-training
+    model.to(device)
+
+    _, train_enc = _load_split(spec, train_path, tokenizer, max_len, log, "train")
+    if cfg.max_train and len(train_enc) > cfg.max_train:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_enc))[: cfg.max_train])
+        train_enc = [train_enc[i] for i in keep]
+        log(f"train: using a random subset of {len(train_enc)} examples (--max-train, seed {cfg.seed})")
+    dev = _load_split(spec, dev_path, tokenizer, max_len, log, "dev")
+    test = _load_split(spec, test_path, tokenizer, max_len, log, "test") if test_path else None
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters ({'random init' if cfg.random_init else ckpt.path}), "
+        f"{tokenizer.describe()}; task {spec.name} ({spec.family}), lambda {cfg.lm_coef}")
+    return _Job(spec, cfg, ckpt, model, tokenizer, device, dtype, max_len, train_enc, dev, test, n_params)
+
+
 def finetune(
     source: str | Path,
     spec: TaskSpec,
@@ -259,38 +413,26 @@ def finetune(
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune the model in `source` (a run directory or checkpoint) on a task; the API of `slm finetune`."""
-    from slmkit.train import Progress
-
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     spec.validate()
     run_dir = Path(out_dir)
-    if (run_dir / BEST).exists() and not overwrite:
-        raise UserError(f"{run_dir} already holds a fine-tuned run; use --overwrite or another --out-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (BEST, METRICS_FILE, PLOT, LOG, SUMMARY):
-        (run_dir / name).unlink(missing_ok=True)
-    log = Logger(run_dir / LOG, progress)
+    check_run_dir(run_dir, overwrite)  # a wrong --out-dir fails at once, not after loading the model
+    log = Logger(None, progress)
+    job = _load_job(source, spec, train_path, dev_path, test_path, cfg, log)
+    lock = open_finetune_dir(run_dir, overwrite)  # --overwrite removes the old run only now, inputs all good
+    try:
+        log.open(run_dir / LOG)
+        return _train(job, run_dir, log, progress)
+    finally:
+        lock.release()
 
-    ckpt = _load_source(source)
-    model, tokenizer = build_for_finetuning(ckpt, spec, cfg)
-    max_len = min(cfg.max_len or model.gpt.config.block_size, model.gpt.config.block_size)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    keep_freed_memory_for_reuse(device)  # as in pre-training
-    model.to(device)
 
-    train_ex, train_enc = _load_split(spec, train_path, tokenizer, max_len, log, "train")
-    if cfg.max_train and len(train_enc) > cfg.max_train:
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_enc))[: cfg.max_train])
-        train_enc = [train_enc[i] for i in keep]
-        log(f"train: using a random subset of {len(train_enc)} examples (--max-train, seed {cfg.seed})")
-    dev_ex, dev_enc = _load_split(spec, dev_path, tokenizer, max_len, log, "dev")
-    test = _load_split(spec, test_path, tokenizer, max_len, log, "test") if test_path else None
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters ({'random init' if cfg.random_init else ckpt.path}), "
-        f"{tokenizer.describe()}; task {spec.name} ({spec.family}), lambda {cfg.lm_coef}")
+def _train(job: _Job, run_dir: Path, log: Logger, progress: bool) -> FinetuneResult:
+    from slmkit.train import Progress
 
+    spec, cfg, model, device, dtype = job.spec, job.cfg, job.model, job.device, job.dtype
+    train_enc, (dev_ex, dev_enc) = job.train_enc, job.dev
     steps_per_epoch = math.ceil(len(train_enc) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, math.ceil(cfg.warmup_frac * total)) if cfg.warmup_frac > 0 else 0
@@ -301,10 +443,10 @@ def finetune(
 
     info = {
         "spec": spec.to_dict(), "label_mapping": _label_mapping(spec), "lm_coef": cfg.lm_coef,
-        "clf_dropout": cfg.clf_dropout, "max_len": max_len, "source": str(ckpt.path),
+        "clf_dropout": cfg.clf_dropout, "max_len": job.max_len, "source": str(job.ckpt.path),
         "config": asdict(cfg),
     }
-    save_cfg = ckpt.config
+    save_cfg = job.ckpt.config
     save_cfg.model.vocab_size = model.gpt.config.vocab_size
 
     bar = Progress(total, 0, progress)
@@ -316,8 +458,7 @@ def finetune(
 
     def write(record: dict[str, Any]) -> None:
         history.append(record)
-        with open(run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(run_dir / METRICS_FILE, json.dumps(record))
 
     try:
         for epoch in range(1, cfg.epochs + 1):
@@ -365,20 +506,20 @@ def finetune(
             if dev[spec.primary_metric] > best_value:
                 best_value, best_epoch, best_dev = dev[spec.primary_metric], epoch, dev
                 state = {"epoch": epoch, "step": step, "dev": dev, "task": spec.name}
-                save_checkpoint(run_dir / BEST, model.gpt, save_cfg, tokenizer, state,
+                save_checkpoint(run_dir / BEST, model.gpt, save_cfg, job.tokenizer, state,
                                 extra_tensors=model.head_tensors(),
                                 extra_meta={META_KEY: json.dumps({**info, "epoch": epoch, "dev": dev})})
             plot_finetune(run_dir, spec)
     except KeyboardInterrupt:
-        bar.close()
         raise UserError(f"interrupted at step {step}; the best checkpoint so far is in {run_dir}") from None
-    bar.close()
+    finally:
+        bar.close()
 
     test_metrics = None
-    if test is not None:
+    if job.test is not None:
         best = FineTuned.load(run_dir, cfg.device, cfg.dtype)
-        test_out = run_outputs(best.model, spec, test[1], cfg.eval_batch_size, device, dtype)
-        test_metrics = score(spec, test_out, test[0])
+        test_out = run_outputs(best.model, spec, job.test[1], cfg.eval_batch_size, device, dtype)
+        test_metrics = score(spec, test_out, job.test[0])
         write({"step": step, "epoch": best_epoch, **{f"test_{k}": v for k, v in test_metrics.items()}})
         log("test (best dev epoch): " + "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     result = FinetuneResult(
@@ -390,8 +531,8 @@ def finetune(
                "test": test_metrics, "train_examples": len(train_enc), "dev_examples": len(dev_enc),
                "examples_per_s": round(result.examples_per_s, 1),
                "eval_examples_per_s": round(result.eval_examples_per_s, 1),
-               "elapsed_s": round(result.elapsed, 1), "params": n_params, "config": asdict(cfg),
-               "source": str(ckpt.path)}
+               "elapsed_s": round(result.elapsed, 1), "params": job.n_params, "config": asdict(cfg),
+               "source": str(job.ckpt.path)}
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return result
 
@@ -433,7 +574,8 @@ def plot_finetune(run_dir: Path, spec: TaskSpec) -> None:
     ax.set_title(f"{run_dir.name}: {spec.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = run_dir / f".{PLOT}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(run_dir / PLOT)
+    try:
+        # An unpredictable temporary name, renamed over the plot: a planted link is replaced, never followed.
+        atomic_write(run_dir / PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)

@@ -42,17 +42,19 @@ def register(sub) -> None:
                    help="openai-gpt1: params_shapes.json + params_*.npy + encoder_bpe_40000.json + vocab_40000.bpe; "
                         "hf: a Hugging Face gpt2 / openai-gpt directory (or a Hub id such as openai-community/gpt2)")
     p.add_argument("--src", required=True, help="source directory (hf: or a Hub repo id, downloaded first)")
-    p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--out", required=True, help="run directory to create (new, empty, or an earlier import)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier import in --out (only files slmkit wrote; others are kept)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", formatter_class=fmt,
                        help="run directory -> Hugging Face directory (gpt2 for pre-LN, openai-gpt for post-LN)")
     p.add_argument("--run", required=True, help="run directory (or a checkpoint .safetensors file)")
     p.add_argument("--format", default="hf", choices=("hf",), help="output format")
-    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier export)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint of a run")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="weights and config only (needed for character-level tokenizers, which HF cannot represent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (only files slmkit wrote; others are kept)")
     p.set_defaults(func=cmd_export)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from slmkit.checkpoint import BEST, save_checkpoint
 from slmkit.config import ModelConfig, RunConfig
 from slmkit.errors import UserError
-from slmkit.fileio import atomic_write_text
+from slmkit.fileio import atomic_write_text, check_output_folder, staged_folder
 from slmkit.tokenizers import Tokenizer, save_tokenizer
 
 SPECIAL_SEED = 1234  # the three fine-tuning embeddings GPT-1 adds are drawn from N(0, 0.02) with this seed
@@ -36,21 +37,37 @@ def special_rows(n: int, width: int) -> torch.Tensor:
     return torch.randn(n, width, generator=g) * 0.02
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"--out {p} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {p} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(p)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+def output_path(out: str | Path) -> Path:
+    """`--out` with its parent resolved, so the staging folder is a true sibling ("." and ".." included).
+    The last component is kept as given: a symlink there is judged by fileio (a dangling one is refused)."""
+    p = Path(out).expanduser()
+    if p.name in ("", ".", ".."):
+        return p.resolve()
+    return p.parent.resolve() / p.name
+
+
+def check_out(out: Path, kind: str, overwrite: bool) -> None:
+    """Refuse a bad `--out` before the slow part (reading a model), with the same rules the write applies."""
+    check_output_folder(out, kind, overwrite, "--out")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, kind: str, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `out` to write into; it becomes `out` only when the block completes.
+
+    Errors raised inside name the temporary folder, which the user never sees: they are rewritten to
+    name `out` (whose previous contents are untouched)."""
+    with staged_folder(out, kind, overwrite, "--out") as stage:
+        try:
+            yield stage
+        except UserError as exc:
+            raise UserError(str(exc).replace(str(stage), str(out))) from None
 
 
 def write_run(out: Path, tensors: dict[str, torch.Tensor], cfg: RunConfig, tokenizer: Tokenizer,
-              source: dict[str, Any]) -> Path:
-    """Save `tensors` (our names, float32, tied head excluded) as an ordinary run directory."""
+              source: dict[str, Any]) -> None:
+    """Save `tensors` (our names, float32, tied head excluded) as an ordinary run directory in `out`
+    (the staging folder: `cfg` must already name the final folder wherever it refers to one)."""
     from slmkit.model import GPT
 
     want = expected_shapes(cfg.model)
@@ -69,4 +86,3 @@ def write_run(out: Path, tensors: dict[str, torch.Tensor], cfg: RunConfig, token
     save_checkpoint(out / BEST, model, cfg, tokenizer, state)
     atomic_write_text(out / "config.json", cfg.to_json())
     save_tokenizer(tokenizer, out / "tokenizer.json")
-    return out / BEST

@@ -14,17 +14,27 @@ two embeddings of `openai-gpt` (tokens_embed, positions_embed).
 from __future__ import annotations
 
 import json
+import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slmkit.checkpoint import find_checkpoint, load_checkpoint
+from slmkit.checkpoint import BEST, find_checkpoint, load_checkpoint
 from slmkit.config import ModelConfig, RunConfig, preset_config
 from slmkit.errors import UserError
-from slmkit.interop.common import check_shape, expected_shapes, prepare_out_dir, special_rows, write_run
+from slmkit.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json
+from slmkit.interop.common import (
+    check_out,
+    check_shape,
+    expected_shapes,
+    output_path,
+    special_rows,
+    staged_output,
+    write_run,
+)
 from slmkit.interop.gpt1_tokenizer import EOW, GPT1_SPECIALS, GPT1Tokenizer, read_json_vocab, read_merges
 from slmkit.interop.safetensors_io import iter_safetensors, write_safetensors
 from slmkit.tokenizers import EOT, GPT2Tokenizer, HFByteLevelTokenizer, Tokenizer, bytes_to_unicode
@@ -35,6 +45,7 @@ TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 # ----------------------------------------------------------------------------- source folder
@@ -67,10 +78,9 @@ def read_hf_config(d: Path) -> dict[str, Any]:
     path = d / "config.json"
     if not path.is_file():
         raise UserError(f"{d} holds no config.json: not a Hugging Face model directory")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON") from None
+    cfg = read_json(path, "model config")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a JSON object")
     family = cfg.get("model_type")
     if family not in FAMILIES:
         arch = ", ".join(cfg.get("architectures") or []) or "none given"
@@ -104,48 +114,99 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if act != "gelu":  # in HF's openai-gpt code "gelu" is the tanh approximation (gelu_new), as in GPT-1
             raise UserError(f"config.json afn {act!r} is not supported: slmkit's GPT uses the tanh GELU (afn gelu)")
         n_inner = 0
-    return ModelConfig(
-        vocab_size=int(get("vocab_size")), block_size=int(get("n_positions")), n_layer=int(get("n_layer")),
-        n_head=int(get("n_head")), n_embd=int(get("n_embd")), n_inner=int(n_inner),
-        dropout=float(hf.get("resid_pdrop", 0.0)), bias=True, ln="pre" if family == "gpt2" else "post",
-        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), gelu=gelu,
-    )
+    try:
+        return ModelConfig(
+            vocab_size=int(get("vocab_size")), block_size=int(get("n_positions")), n_layer=int(get("n_layer")),
+            n_head=int(get("n_head")), n_embd=int(get("n_embd")), n_inner=int(n_inner),
+            dropout=float(hf.get("resid_pdrop", 0.0)), bias=True, ln="pre" if family == "gpt2" else "post",
+            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)), gelu=gelu,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:  # "12" is fine; "twelve", [12] or null are not
+        raise UserError(f"config.json holds a value that is not a number ({_first_line(exc)})") from None
 
 
-def weight_files(d: Path) -> tuple[str, list[Path]]:
+def source_root(src: str, d: Path) -> Path:
+    """The folder every weight shard must lie in: the model folder itself, or for a Hub download the
+    repository's cache folder (a snapshot's files are links into its `blobs/`)."""
+    real = d.resolve()
+    if not Path(src).expanduser().is_dir() and real.parent.name == "snapshots":
+        return real.parent.parent
+    return real
+
+
+def _shard_path(d: Path, root: Path, index: Path, name: str) -> Path:
+    """`name` from the shard index as a real path inside `root`; an index is data from a stranger, and
+    `../../etc/passwd`, an absolute path or a link leading out must not be read."""
+    try:
+        real = (d / name).resolve()
+        inside = real.is_relative_to(root)
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte in the name
+        inside = False
+    if not inside:
+        raise UserError(f"{index} lists shard {name[:120]!r}, which lies outside {d}; refused (shards must be "
+                        "files inside the model folder)")
+    if not real.is_file():
+        raise UserError(f"{d} lacks weight shard {name[:120]!r} listed in {index.name}")
+    return real
+
+
+def _shard_names(index: Path) -> list[str]:
+    data = read_json(index, "shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise UserError(f"{index} is malformed: it needs a \"weight_map\" object mapping tensor names to shard "
+                        "file names")
+    return sorted(set(weight_map.values()))
+
+
+def weight_files(d: Path, root: Path | None = None) -> tuple[str, list[Path]]:
     if (d / "model.safetensors").is_file():
         return "safetensors", [d / "model.safetensors"]
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            raise UserError(f"{index} is corrupted") from None
-        missing = [s for s in shards if not (d / s).is_file()]
-        if missing:
-            raise UserError(f"{d} lacks weight shard {missing[0]} listed in {index.name}")
-        return "safetensors", [d / s for s in shards]
+        root = root or d.resolve()
+        return "safetensors", [_shard_path(d, root, index, name) for name in _shard_names(index)]
     if (d / "pytorch_model.bin").is_file():
         return "bin", [d / "pytorch_model.bin"]
     raise UserError(f"{d} holds no model.safetensors or pytorch_model.bin")
 
 
-def iter_weights(d: Path, skip) -> Iterator[tuple[str, torch.Tensor]]:
-    kind, files = weight_files(d)
-    if kind == "safetensors":
-        for f in files:
-            yield from iter_safetensors(f, skip)
-        return
-    path = files[0]
+def _first_line(exc: BaseException) -> str:
+    """One clean line of an exception's text: no terminal escape codes, no control characters."""
+    text = _ANSI.sub("", str(exc))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    line = "".join(c if c.isprintable() else " " for c in line)
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A `pytorch_model.bin` state dict, unpickled with `weights_only=True`: plain tensors, never code."""
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read {path} as plain tensors ({str(exc).splitlines()[0][:160]})") from None
-    if not isinstance(sd, dict):
-        raise UserError(f"{path} does not hold a state dict")
+    except pickle.UnpicklingError as exc:
+        # torch's own text is many lines with terminal codes, and suggests weights_only=False: never that.
+        what = "holds Python objects other than tensors" if "GLOBAL" in str(exc) else \
+            "is not a plain tensor file (corrupted, or it holds pickled Python code)"
+        raise UserError(f"{path} {what}; refused (slmkit never unpickles code). Convert it to safetensors with "
+                        "a tool you trust, or use the model's model.safetensors") from None
+    except Exception as exc:  # a truncated or corrupted zip, an unreadable file
+        raise UserError(f"cannot read {path} as a PyTorch state dict: {_first_line(exc)}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UserError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return sd
+
+
+def iter_weights(d: Path, skip: Callable[[str], bool], root: Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    kind, files = weight_files(d, root)
+    if kind == "safetensors":
+        for f in files:
+            yield from iter_safetensors(f, skip)
+        return
+    sd = load_bin(files[0])
     for name in list(sd):
         if not skip(name):
             yield name, sd.pop(name)
@@ -199,10 +260,10 @@ def _tokenizer_json(d: Path) -> dict[str, Any] | None:
     p = d / "tokenizer.json"
     if not p.is_file():
         return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{p} is not valid JSON") from None
+    tj = read_json(p, "tokenizer file")
+    if not isinstance(tj, dict):
+        raise UserError(f"{p} is not a JSON object")
+    return tj
 
 
 def _merges_of(model: dict[str, Any]) -> list[str]:
@@ -242,7 +303,12 @@ def read_hf_tokenizer(d: Path, family: str) -> Tokenizer:
 
 
 def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Import the HF model in `src` into the run directory `out`; returns its checkpoint's path.
+    `out` appears only once complete; with `overwrite`, only files slmkit wrote there are replaced."""
+    target = output_path(out)
+    check_out(target, "import", overwrite)
     d = resolve_source(str(src))
+    root = source_root(str(src), d)
     hf = read_hf_config(d)
     family = hf["model_type"]
     mcfg = model_config_from_hf(hf)
@@ -262,7 +328,7 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path
     tensors: dict[str, torch.Tensor] = {}
     head: torch.Tensor | None = None
     unexpected: list[str] = []
-    for name, t in iter_weights(d, skip=lambda n: ours_from_hf(n, family) is None):
+    for name, t in iter_weights(d, lambda n: ours_from_hf(n, family) is None, root):
         ours = ours_from_hf(name, family)
         if ours == "lm_head.weight":
             head = t
@@ -295,9 +361,10 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path
     preset = _matching_preset(mcfg)
     cfg = preset_config(preset) if preset else RunConfig()
     cfg.model = mcfg
-    out_dir = prepare_out_dir(out, overwrite)
-    _set_data_tokenizer(cfg, tokenizer, out_dir)
-    return write_run(out_dir, tensors, cfg, tokenizer, {"format": "hf", "model_type": family, "src": str(src)})
+    with staged_output(target, "import", overwrite) as stage:
+        _write_vocab(cfg, tokenizer, stage, target)
+        write_run(stage, tensors, cfg, tokenizer, {"format": "hf", "model_type": family, "src": str(src)})
+    return target / BEST
 
 
 def _matching_preset(m: ModelConfig) -> str:
@@ -309,19 +376,18 @@ def _matching_preset(m: ModelConfig) -> str:
     return ""
 
 
-def _set_data_tokenizer(cfg: RunConfig, tok: Tokenizer, out_dir: Path) -> None:
-    """Point the run's data settings at the vocabulary files, so `slm eval --dataset` can tokenize."""
-    vocab = out_dir / "vocab"
+def _write_vocab(cfg: RunConfig, tok: Tokenizer, stage: Path, target: Path) -> None:
+    """Write the vocabulary files into the run folder itself and point the run's data settings at it
+    (its final place, `target`), so `slm eval --dataset` can tokenize. One flat folder: the staged
+    write replaces files, and a vocabulary subfolder could not be replaced on --overwrite."""
     if isinstance(tok, GPT2Tokenizer):
-        vocab.mkdir()
-        (vocab / "encoder.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
-        (vocab / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(tok.merges) + "\n", encoding="utf-8")
-        cfg.data.tokenizer, cfg.data.vocab_dir = "gpt2", str(vocab.resolve())
+        atomic_write_text(stage / "encoder.json", json.dumps(tok.encoder, ensure_ascii=False))
+        atomic_write_text(stage / "vocab.bpe", "#version: 0.2\n" + "\n".join(tok.merges) + "\n")
+        cfg.data.tokenizer, cfg.data.vocab_dir = "gpt2", str(target)
     elif isinstance(tok, GPT1Tokenizer):
-        vocab.mkdir()
-        (vocab / "encoder_bpe_40000.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
-        (vocab / "vocab_40000.bpe").write_text("#version: 0.2\n" + "\n".join(tok.merges) + "\n", encoding="utf-8")
-        cfg.data.tokenizer, cfg.data.vocab_dir = "gpt1", str(vocab.resolve())
+        atomic_write_text(stage / "encoder_bpe_40000.json", json.dumps(tok.encoder, ensure_ascii=False))
+        atomic_write_text(stage / "vocab_40000.bpe", "#version: 0.2\n" + "\n".join(tok.merges) + "\n")
+        cfg.data.tokenizer, cfg.data.vocab_dir = "gpt1", str(target)
     else:
         cfg.data.tokenizer = tok.kind
     cfg.data.vocab_size = tok.vocab_size
@@ -352,6 +418,10 @@ def hf_config_for(m: ModelConfig, tok: Tokenizer | None) -> dict[str, Any]:
 
 def export_hf(run: str | Path, out: str | Path, which: str = "best", with_tokenizer: bool = True,
               overwrite: bool = False) -> Path:
+    """Write the run's model as a Hugging Face folder `out`; it appears only once complete, and with
+    `overwrite` only files an earlier export wrote there are replaced."""
+    target = output_path(out)
+    check_out(target, "export", overwrite)
     ckpt = load_checkpoint(find_checkpoint(run, which))
     m, tok = ckpt.config.model, ckpt.tokenizer
     family = "gpt2" if m.ln == "pre" else "openai-gpt"
@@ -376,12 +446,12 @@ def export_hf(run: str | Path, out: str | Path, which: str = "best", with_tokeni
         t = state[names[hf_name]].float()
         return t.t() if is_conv(names[hf_name]) else t
 
-    out_dir = prepare_out_dir(out, overwrite)
-    write_safetensors(out_dir / "model.safetensors", specs, produce, metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    if with_tokenizer:
-        write_hf_tokenizer(tok, out_dir, m.block_size)
-    return out_dir
+    with staged_output(target, "export", overwrite) as stage:
+        write_safetensors(stage / "model.safetensors", specs, produce, metadata={"format": "pt"})
+        atomic_write_json(stage / "config.json", hf_cfg)
+        if with_tokenizer:
+            write_hf_tokenizer(tok, stage, m.block_size)
+    return target
 
 
 def _with_bias(m: ModelConfig) -> ModelConfig:
@@ -396,7 +466,7 @@ def write_hf_tokenizer(tok: Tokenizer, d: Path, max_len: int) -> None:
 
     config: dict[str, Any] = {"model_max_length": max_len}
     if isinstance(tok, HFByteLevelTokenizer):
-        (d / "tokenizer.json").write_text(tok.hf.to_str(), encoding="utf-8")
+        atomic_write_text(d / "tokenizer.json", tok.hf.to_str())
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         if "eot" in tok.special:
             config.update(bos_token=EOT, eos_token=EOT)
@@ -408,7 +478,7 @@ def write_hf_tokenizer(tok: Tokenizer, d: Path, max_len: int) -> None:
         hf.decoder = decoders.ByteLevel()
         hf.post_processor = processors.ByteLevel(trim_offsets=False)
         hf.add_special_tokens([AddedToken(EOT, special=True)])
-        hf.save(str(d / "tokenizer.json"))
+        _save_hf(hf, d / "tokenizer.json")
         config.update(tokenizer_class="GPT2Tokenizer", bos_token=EOT, eos_token=EOT, unk_token=EOT,
                       add_prefix_space=False)
     elif isinstance(tok, GPT1Tokenizer):
@@ -419,16 +489,20 @@ def write_hf_tokenizer(tok: Tokenizer, d: Path, max_len: int) -> None:
         hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         hf.decoder = decoders.BPEDecoder(suffix=EOW)
         hf.add_special_tokens([AddedToken(s, special=True) for s in tok.specials])
-        hf.save(str(d / "tokenizer.json"))
+        _save_hf(hf, d / "tokenizer.json")
         config.update(tokenizer_class="OpenAIGPTTokenizer", unk_token=tok.unk)
         added = {str(tok.special_ids[s]): {"content": s, "special": True, "lstrip": False, "rstrip": False,
                                            "normalized": False, "single_word": False} for s in tok.specials}
         config["added_tokens_decoder"] = added
     else:
         raise UserError(f"a {tok.kind} tokenizer has no Hugging Face tokenizer class; export with --no-tokenizer")
-    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_json(d / "tokenizer_config.json", config)
+
+
+def _save_hf(hf: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: hf.save(str(tmp)))
 
 
 def _write_vocab_merges(d: Path, encoder: dict[str, int], merges: list[str]) -> None:
-    (d / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False), encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    atomic_write_text(d / "vocab.json", json.dumps(encoder, ensure_ascii=False))
+    atomic_write_text(d / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")

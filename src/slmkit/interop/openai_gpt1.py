@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slmkit.checkpoint import BEST
 from slmkit.config import ModelConfig, RunConfig, preset_config
 from slmkit.errors import UserError
-from slmkit.interop.common import check_shape, prepare_out_dir, special_rows, write_run
+from slmkit.fileio import atomic_write
+from slmkit.interop.common import check_out, check_shape, output_path, special_rows, staged_output, write_run
 from slmkit.interop.gpt1_tokenizer import GPT1_SPECIALS, GPT1Tokenizer
 
 # (release name inside a layer, our name inside transformer.h.N, conv1d weight?)
@@ -141,7 +143,11 @@ def import_openai_gpt1(src: str | Path, out: str | Path, overwrite: bool = False
                        config: RunConfig | None = None) -> Path:
     """Import the GPT-1 release in `src` into the run directory `out` (the `gpt1` preset).
 
-    `config` replaces the gpt1 preset (tests use small shapes); its vocab_size counts the 3 specials."""
+    `config` replaces the gpt1 preset (tests use small shapes); its vocab_size counts the 3 specials.
+    `out` appears only once complete; with `overwrite`, only files slmkit wrote there are replaced.
+    Returns the path of the checkpoint."""
+    target = output_path(out)
+    check_out(target, "import", overwrite)
     src = Path(src)
     if not src.is_dir():
         raise UserError(f"--src {src} is not a directory")
@@ -155,10 +161,10 @@ def import_openai_gpt1(src: str | Path, out: str | Path, overwrite: bool = False
         raise UserError(f"the vocabulary in {src} has {tokenizer.base_size} entries but the embedding has "
                         f"{n_tokens} token rows")
     tensors = read_release(src, cfg.model)
-    out_dir = prepare_out_dir(out, overwrite)
-    vocab = out_dir / "vocab"
-    vocab.mkdir()
-    for name in ("encoder_bpe_40000.json", "vocab_40000.bpe"):
-        shutil.copyfile(src / name, vocab / name)
-    cfg.data.tokenizer, cfg.data.vocab_dir, cfg.data.vocab_size = "gpt1", str(vocab.resolve()), cfg.model.vocab_size
-    return write_run(out_dir, tensors, cfg, tokenizer, {"format": "openai-gpt1", "src": str(src.resolve())})
+    # The vocabulary files go into the run folder itself, which the run's data settings then name.
+    cfg.data.tokenizer, cfg.data.vocab_dir, cfg.data.vocab_size = "gpt1", str(target), cfg.model.vocab_size
+    with staged_output(target, "import", overwrite) as stage:
+        for name in ("encoder_bpe_40000.json", "vocab_40000.bpe"):
+            atomic_write(stage / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
+        write_run(stage, tensors, cfg, tokenizer, {"format": "openai-gpt1", "src": str(src.resolve())})
+    return target / BEST

@@ -11,20 +11,30 @@ Library use: `create(...)` then `run(sweep_dir)`; `write_report(sweep_dir)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from slmkit.errors import UserError
 from slmkit.sweep.report import collect_rows, write_report
 from slmkit.sweep.runner import (
+    MAX_SEEDS,
+    MAX_TRIALS,
+    SAMPLER_SEED_LIMIT,
     SPEC_FILE,
     SweepSpec,
+    check_count,
+    check_trial_seconds,
     create_sweep,
     default_storage,
     load_spec,
     random_cells,
+    redact_text,
+    redact_url,
     run_worker,
+    storage_errors,
 )
 from slmkit.sweep.space import expand_grid, format_cell, parse_space, valid_grid
 
@@ -76,10 +86,11 @@ def create(
                         "--search tpe --trials N")
     if mode != "grid" and (trials is None or trials < 1):
         raise UserError(f"--search {mode} needs --trials N (N >= 1)")
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {seeds}")
-    if trial_seconds is not None and trial_seconds <= 0:
-        raise UserError(f"--trial-seconds must be positive, got {trial_seconds}")
+    if mode != "grid":
+        check_count("trials", trials, 1, MAX_TRIALS, "--trials")
+    check_count("seeds", seeds, 1, MAX_SEEDS, "--seeds")
+    check_count("sampler_seed", sampler_seed, 0, SAMPLER_SEED_LIMIT - 1, "--sampler-seed")
+    check_trial_seconds(trial_seconds, "--trial-seconds")
     space = parse_space(grid or params, base, "--grid" if grid else "--param", ranges=not grid)
     if trial_seconds is not None and any(p.name == "max_iters" for p in space):
         raise UserError("--trial-seconds sets max_iters per trial from the time budget; do not also sweep max_iters")
@@ -99,7 +110,11 @@ def create(
             log(f"skipping invalid cell {format_cell(c)}: {why}")
     elif mode == "random":
         cells = random_cells(spec, base)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    from slmkit.fileio import claim_folder
+
+    # Created and marked as slmkit's before the study exists: an unwritable or foreign --out is
+    # refused here, and nothing is left in the storage.
+    claim_folder(sweep_dir, "sweep", overwrite=False, flag="--out")
     spec.storage = storage or default_storage(sweep_dir)
     spec.study_name = study_name or sweep_dir.resolve().name
     create_sweep(spec, sweep_dir, cells)
@@ -114,7 +129,8 @@ def run(sweep_dir: str | Path, show: bool = True, report: bool = True, worker_se
     sweep_dir = Path(sweep_dir)
     spec = load_spec(sweep_dir)
     data = prepare(spec.base_config().data)  # once, shared by every trial
-    ran = run_worker(sweep_dir, str(data.dir), show=show, worker_seed=worker_seed, max_trials=max_trials)
+    with storage_errors(spec.storage):
+        ran = run_worker(sweep_dir, str(data.dir), show=show, worker_seed=worker_seed, max_trials=max_trials)
     if report:
         write_report(sweep_dir)
     return ran
@@ -126,7 +142,28 @@ def run(sweep_dir: str | Path, show: bool = True, report: bool = True, worker_se
 SPACE_FLAGS = ("grid", "param", "random", "search", "trials", "trial_seconds", "storage", "study_name", "base")
 
 
+@contextlib.contextmanager
+def _one_line(storage: str | None = None) -> Iterator[None]:
+    """What reaches the user from a sweep command: one line, never a storage password.
+
+    File-system failures (a read-only or full disk under --out, a vanished folder) become
+    UserErrors here rather than tracebacks; every message passes through the redaction."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(redact_text(str(exc), storage)) from None
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(redact_text(f"cannot use{where}: {reason}", storage)) from None
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
+    with _one_line(args.storage):
+        _sweep_command(args)
+
+
+def _sweep_command(args: argparse.Namespace) -> None:
     from slmkit.cli import config_flags
 
     flags = config_flags(args)
@@ -149,7 +186,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                       study_name=args.study_name, skip_invalid=args.skip_invalid, sampler_seed=args.sampler_seed)
         budget = f"{spec.trial_seconds:g} s" if spec.trial_seconds else f"{base.train.max_iters} steps"
         print(f"sweep {sweep_dir}: {spec.mode}, {spec.n_trials} trials x {spec.seeds} seed(s), {budget} each, "
-              f"pruning {'on' if spec.prune else 'off'}; study {spec.study_name!r} in {spec.storage}")
+              f"pruning {'on' if spec.prune else 'off'}; study {spec.study_name!r} in {redact_url(spec.storage)}")
     ran = run(sweep_dir, show=True, report=not args.no_report)
     _, rows = collect_rows(sweep_dir)
     done = [r for r in rows if r["state"] == "complete" and "best_val_loss" in r]
@@ -163,7 +200,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    path = write_report(args.dir, sample_tokens=args.sample_tokens)
+    from slmkit.config import MAX_SAMPLE_TOKENS
+
+    check_count("sample_tokens", args.sample_tokens, 0, MAX_SAMPLE_TOKENS, "--sample-tokens")
+    with _one_line():
+        path = write_report(args.dir, sample_tokens=args.sample_tokens)
     print(path.read_text() if args.print else f"wrote {path}, {path.parent / 'results.csv'} and "
           f"{path.parent / 'plots'}/")
 

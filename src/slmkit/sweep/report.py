@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slmkit.sweep.runner import counted_trials, load_spec, load_study, trial_run_dir
+from slmkit.errors import UserError
+from slmkit.sweep.runner import counted_trials, load_spec, load_study, redact_text, storage_errors, trial_run_dir
 from slmkit.train import CONFIG, read_metrics
 
 REPORT_MD, RESULTS_CSV, PLOTS_DIR, SAMPLE_TXT = "report.md", "results.csv", "plots", "sample.txt"
@@ -28,9 +28,13 @@ REPORT_MD, RESULTS_CSV, PLOTS_DIR, SAMPLE_TXT = "report.md", "results.csv", "plo
 def run_metrics(run_dir: Path) -> dict[str, Any] | None:
     """The table's numbers for one run directory, from its metrics.jsonl and config.json."""
     records = read_metrics(run_dir)
-    evals = [r for r in records if "val_loss" in r]
+    # Only records whose numbers are numbers: an edited or torn metrics file loses rows, not the report.
+    evals = [r for r in records if _finite(r.get("val_loss")) and _finite(r.get("train_eval_loss"))
+             and isinstance(r.get("step"), int)]
     if not evals:
         return None
+    records = [r for r in records if isinstance(r.get("step"), int) and _finite(r.get("elapsed", 0.0))
+               and _finite(r.get("tokens_per_s", 0.0))]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     last = evals[-1]
     return {
@@ -45,18 +49,27 @@ def run_metrics(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def count_params(run_dir: Path) -> int | None:
+    """Parameters of the run's model, counted on the meta device; None when its config is unreadable."""
     p = Path(run_dir) / CONFIG
     if not p.is_file():
         return None
     import torch
 
     from slmkit.config import RunConfig
+    from slmkit.fileio import read_json
     from slmkit.model import GPT
 
-    cfg = RunConfig.from_dict(json.loads(p.read_text()))
-    with torch.device("meta"):
-        return GPT(cfg.model).num_params()
+    try:
+        cfg = RunConfig.from_dict(read_json(p, "run config"))
+        with torch.device("meta"):
+            return GPT(cfg.model).num_params()
+    except (UserError, ValueError):  # a corrupted config.json, or one without a vocabulary size
+        return None
 
 
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
@@ -67,17 +80,21 @@ def collect_rows(sweep_dir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
     """(spec, one row per trial), best first; failed trials last."""
     sweep_dir = Path(sweep_dir)
     spec = load_spec(sweep_dir)
-    study = load_study(spec)
+    with storage_errors(spec.storage):
+        study = load_study(spec)
+        trials = counted_trials(study)
     rows = []
-    for t in counted_trials(study):
+    for t in trials:
         fixed = t.system_attrs.get("fixed_params", {})
         values = {p.name: t.params.get(p.name, fixed.get(p.name)) for p in spec.params}
-        run_dirs = [sweep_dir / r for r in t.user_attrs.get("run_dirs", [])] or \
-            [trial_run_dir(sweep_dir, t.number, i, spec.seeds) for i in range(spec.seeds)]
+        saved = t.user_attrs.get("run_dirs", [])
+        run_dirs = [sweep_dir / r for r in saved if isinstance(r, str)] if isinstance(saved, list) else []
+        run_dirs = run_dirs or [trial_run_dir(sweep_dir, t.number, i, spec.seeds) for i in range(spec.seeds)]
         runs = [(d, m) for d in run_dirs if (m := run_metrics(d)) is not None]
         row: dict[str, Any] = {"trial": t.number, "state": STATE_NAMES.get(t.state.name, t.state.name.lower()),
                                **values, "run_dir": str(run_dirs[0].relative_to(sweep_dir)),
-                               "seeds": len(runs), "error": t.user_attrs.get("error", ""),
+                               "seeds": len(runs), "error": redact_text(str(t.user_attrs.get("error", "")),
+                                                                        spec.storage),
                                "stopped_by_budget": bool(t.user_attrs.get("stopped_by_budget", False))}
         if runs:
             ms = [m for _, m in runs]
@@ -231,12 +248,14 @@ def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelop
 
 
 def _save(fig, path: Path) -> None:
+    from slmkit.fileio import atomic_write
+
     plt = _plt()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        # The temporary name does not end in .png, so the format is given.
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def make_plots(spec, rows, out: Path) -> list[Path]:
@@ -262,7 +281,6 @@ def best_sample(sweep_dir: Path, row: dict[str, Any], max_new_tokens: int = 300)
 
 def write_report(sweep_dir: str | Path, sample_tokens: int = 300) -> Path:
     """Write report.md, results.csv, plots/ and sample.txt into the sweep directory."""
-    from slmkit.errors import UserError
     from slmkit.fileio import atomic_write_text
 
     sweep_dir = Path(sweep_dir)
@@ -306,5 +324,6 @@ def write_report(sweep_dir: str | Path, sample_tokens: int = 300) -> Path:
     if sample:
         lines += ["", f"## Sample from the best trial ({best['run_dir']})", "", "```", sample.strip("\n"), "```"]
     path = sweep_dir / REPORT_MD
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    # The report is for showing around: no storage password in it, whatever a trial's error said.
+    atomic_write_text(path, redact_text("\n".join(lines) + "\n", spec.storage))
     return path

@@ -22,23 +22,29 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
-from slmkit.config import RunConfig
+from slmkit.config import RunConfig, show
 from slmkit.errors import UserError
 from slmkit.sweep.space import Param, apply_params, check_cell
 
 SPEC_FILE, DB_FILE, LOCK_FILE, TRIALS_DIR = "sweep.json", "study.db", ".study.lock", "trials"
 HEARTBEAT_S, GRACE_S = 10, 45
 MODES = ("grid", "random", "tpe")
+# Limits that stop a typo, not a real sweep: trials (grid cells are expanded in memory), seeds per
+# trial, the seconds of one trial (about 4 months), and the sampler seed (numpy's RandomState needs < 2**32).
+MAX_TRIALS, MAX_SEEDS, MAX_TRIAL_SECONDS, SAMPLER_SEED_LIMIT = 100_000, 1000, 1e7, 2**32
 
 
 @dataclass
@@ -56,9 +62,6 @@ class SweepSpec:
     skipped: list[dict[str, Any]] = field(default_factory=list)  # invalid grid cells, with reasons
     version: int = 1
 
-    def base_config(self) -> RunConfig:
-        return RunConfig.from_dict(self.base)
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["params"] = [p.to_dict() for p in self.params]
@@ -66,9 +69,56 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
-        d = dict(d)
-        d["params"] = [Param.from_dict(p) for p in d["params"]]
-        return cls(**d)
+        """A spec read back from sweep.json; anything malformed is a one-line UserError."""
+        if not isinstance(d, dict):
+            raise UserError(f"expected a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        extra = sorted(str(k) for k in d if k not in known)
+        missing = sorted(f.name for f in fields(cls) if f.name not in d and f.name in _REQUIRED)
+        if extra or missing:
+            raise UserError(f"unknown field {extra[0]!r}" if extra else f"missing field {missing[0]!r}")
+        params = d["params"]
+        if not isinstance(params, list) or not params:
+            raise UserError(f"params must be a non-empty list, got {show(params)}")
+        spec = cls(**{**d, "params": [Param.from_dict(p) for p in params]})
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """Field types and ranges (the base config is checked as any config is)."""
+        if self.mode not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got {show(self.mode)}")
+        check_count("n_trials", self.n_trials, 0, MAX_TRIALS)
+        check_count("seeds", self.seeds, 1, MAX_SEEDS)
+        check_count("sampler_seed", self.sampler_seed, 0, SAMPLER_SEED_LIMIT - 1)
+        check_trial_seconds(self.trial_seconds)
+        for name in ("storage", "study_name"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UserError(f"{name} must be a non-empty string, got {show(getattr(self, name))}")
+        if not isinstance(self.prune, bool) or not isinstance(self.skipped, list):
+            raise UserError("prune must be true or false and skipped a list")
+        self.base_config().validate()
+
+    def base_config(self) -> RunConfig:
+        return RunConfig.from_dict(self.base)
+
+
+_REQUIRED = ("mode", "params", "n_trials", "base", "storage", "study_name")
+
+
+def check_count(name: str, value: Any, low: int, high: int, flag: str | None = None) -> None:
+    """An integer setting within [low, high], or a one-line error naming it."""
+    label = flag or name
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"{label} must be an integer from {low:,} to {high:,}, got {show(value)}")
+
+
+def check_trial_seconds(seconds: Any, flag: str = "trial_seconds") -> None:
+    if seconds is None:
+        return
+    ok = isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds)
+    if not ok or not 0 < seconds <= MAX_TRIAL_SECONDS:
+        raise UserError(f"{flag} must be a positive number of seconds up to {MAX_TRIAL_SECONDS:g}, got {show(seconds)}")
 
 
 def _quiet_optuna() -> None:
@@ -83,11 +133,68 @@ def default_storage(sweep_dir: Path) -> str:
     return f"sqlite:///{(sweep_dir / DB_FILE).resolve()}"
 
 
+# ----------------------------------------------------------------------------- storage URLs shown to people
+
+# scheme://user:password@host/...: the userinfo ends at the last '@' (a raw '@' in a password must
+# not leave half of it visible), which at worst also hides a host, never shows a secret.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]*")
+_SECRET_PARAM = re.compile(r"(?i)([?&;](?:password|passwd|pwd|secret|token|sslpassword)=)[^&;\s'\"]*")
+
+
+def _url_password(url: str) -> str | None:
+    _, sep, rest = url.partition("://")
+    userinfo = rest[: rest.rfind("@")] if sep and "@" in rest else ""
+    return userinfo.split(":", 1)[1] if ":" in userinfo else None
+
+
+def redact_url(url: str) -> str:
+    """`url` fit to print: its password replaced by *** (postgresql://user:***@host/db), as are
+    password=... query parameters."""
+    scheme, sep, rest = url.partition("://")
+    if _url_password(url) is not None:
+        at = rest.rfind("@")
+        rest = f"{rest[:at].split(':', 1)[0]}:***@{rest[at + 1:]}"
+    return _SECRET_PARAM.sub(r"\1***", scheme + sep + rest)
+
+
+def redact_text(text: str, url: str | None = None) -> str:
+    """`text` (an error message, a report) with the credentials of `url`, and of any other URL in
+    it, replaced by ***. A driver may echo the password on its own, so that is masked too."""
+    if url:
+        text = text.replace(url, redact_url(url))
+        password = _url_password(url)
+        for secret in {password, unquote(password)} if password else ():
+            text = text.replace(secret, "***")
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def has_credentials(url: str) -> bool:
+    return redact_url(url) != url
+
+
+@contextlib.contextmanager
+def storage_errors(url: str):
+    """A failure of the study's database while a sweep runs (connection lost, disk full, locked)
+    as one line, with the URL's password hidden."""
+    try:
+        yield
+    except Exception as exc:
+        import optuna
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(exc, SQLAlchemyError | optuna.exceptions.StorageInternalError):
+            raise
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise UserError(redact_text(f"the study storage {url} failed: {first}", url)) from None
+
+
 def open_storage(url: str):
     """An Optuna RDB storage with heartbeats; any failure is a one-line UserError."""
     import optuna
 
     _quiet_optuna()
+    if not isinstance(url, str) or not url:
+        raise UserError(f"the study storage must be a URL, got {show(url)}")
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         # Parallel workers wait for each other's writes instead of failing with "database is locked".
@@ -99,7 +206,7 @@ def open_storage(url: str):
         )
     except Exception as exc:  # driver missing, host unreachable, bad URL, unwritable file...
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise UserError(f"cannot open the study storage {url}: {first}") from None
+        raise UserError(redact_text(f"cannot open the study storage {url}: {first}", url)) from None
 
 
 def _sampler(spec: SweepSpec, worker_seed: int | None):
@@ -152,22 +259,50 @@ def create_sweep(spec: SweepSpec, sweep_dir: Path, cells: list[dict[str, Any]] |
     except optuna.exceptions.DuplicatedStudyError:
         raise UserError(f"the storage already holds a study named {spec.study_name!r}; "
                         "continue it with --resume, or pick --study-name") from None
-    study.set_user_attr("slmkit_sweep", spec.to_dict())
-    for cell in cells or []:
-        study.enqueue_trial(cell)
-    from slmkit.fileio import atomic_write_text
+    try:
+        # The copy kept in the study never holds the storage's password (the study is in that storage).
+        study.set_user_attr("slmkit_sweep", {**spec.to_dict(), "storage": redact_url(spec.storage)})
+        for cell in cells or []:
+            study.enqueue_trial(cell)
+        try:
+            (sweep_dir / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create {sweep_dir / TRIALS_DIR}: {exc.strerror or exc}") from None
+        write_spec(spec, sweep_dir)
+    except BaseException:
+        # No half-made sweep: a study without its sweep.json would block the same --study-name.
+        with contextlib.suppress(Exception):
+            optuna.delete_study(study_name=spec.study_name, storage=storage)
+        raise
 
-    (sweep_dir / TRIALS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(sweep_dir / SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
+
+def write_spec(spec: SweepSpec, sweep_dir: Path) -> None:
+    """sweep.json; readable by its owner only when the storage URL holds a password (--resume needs it)."""
+    from slmkit.fileio import atomic_write
+
+    text = json.dumps(spec.to_dict(), indent=2)
+    private = has_credentials(spec.storage)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+        if private:
+            os.chmod(tmp, 0o600)
+
+    atomic_write(sweep_dir / SPEC_FILE, write)
+    if private:
+        os.chmod(sweep_dir / SPEC_FILE, 0o600)  # atomic_write gives new files the umask's mode
 
 
 def load_spec(sweep_dir: Path) -> SweepSpec:
-    p = sweep_dir / SPEC_FILE
+    from slmkit.fileio import read_json
+
+    p = Path(sweep_dir) / SPEC_FILE
     if not p.is_file():
         raise UserError(f"{sweep_dir} is not a sweep directory (no {SPEC_FILE})")
+    data = read_json(p, "sweep spec")
     try:
-        return SweepSpec.from_dict(json.loads(p.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        return SweepSpec.from_dict(data)
+    except UserError as exc:
         raise UserError(f"{p} is corrupted: {exc}") from None
 
 
@@ -179,7 +314,7 @@ def load_study(spec: SweepSpec, worker_seed: int | None = None):
         return optuna.load_study(study_name=spec.study_name, storage=storage,
                                  sampler=_sampler(spec, worker_seed), pruner=_pruner(spec))
     except KeyError:
-        raise UserError(f"the storage {spec.storage} holds no study named {spec.study_name!r}") from None
+        raise UserError(f"the storage {redact_url(spec.storage)} holds no study named {spec.study_name!r}") from None
 
 
 # ----------------------------------------------------------------------------- trial bookkeeping
@@ -212,7 +347,11 @@ def _study_lock(spec: SweepSpec, sweep_dir: Path):
 
     @contextlib.contextmanager
     def locked():
-        with open(sweep_dir / LOCK_FILE, "a") as f:
+        try:
+            f = open(sweep_dir / LOCK_FILE, "a")  # noqa: SIM115 (closed by the with below)
+        except OSError as exc:
+            raise UserError(f"cannot open the sweep lock {sweep_dir / LOCK_FILE}: {exc.strerror or exc}") from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -430,7 +569,8 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
             raise UserError(f"interrupted during trial {trial.number}; continue with: "
                             f"slm sweep --resume {sweep_dir}") from None
         message = f"{exc.__class__.__name__}: {exc}".splitlines()[0] if not isinstance(exc, UserError) \
-            else str(exc).splitlines()[0]
+            else (str(exc).splitlines() or [""])[0]
+        message = redact_text(message, spec.storage)
         trial.set_user_attr("error", message[:500])
         study.tell(trial, state=TrialState.FAIL)
         summary.update(state="fail", error=message)

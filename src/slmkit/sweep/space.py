@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from slmkit.config import RunConfig, find_section, set_field
+from slmkit.config import RunConfig, find_section, set_field, show
 from slmkit.errors import UserError
+
+# A grid is expanded (and every cell checked) in memory before anything runs.
+MAX_GRID_CELLS = 100_000
 
 # Settings a sweep cannot vary: they change the data (and so the tokenizer) or the hardware.
 NOT_SWEEPABLE = {"device", "dtype", "compile", "sample_tokens", "checkpoint_interval", "log_interval", "vocab_size"}
@@ -34,7 +38,31 @@ class Param:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Param:
-        return cls(**d)
+        """A parameter read back from sweep.json, checked (a one-line UserError if malformed)."""
+        if not isinstance(d, dict):
+            raise UserError(f"a parameter must be a JSON object, got {show(d)}")
+        known = {f.name for f in fields(cls)}
+        if not {"name", "section", "kind"} <= d.keys() or not d.keys() <= known:
+            raise UserError(f"a parameter needs name, section and kind (and only {', '.join(sorted(known))})")
+        p = cls(**d)
+        p.check()
+        return p
+
+    def check(self) -> None:
+        if not isinstance(self.name, str) or find_section(self.name) != self.section:
+            raise UserError(f"parameter {show(self.name)} is not a setting of section {show(self.section)}")
+        if self.kind == "choice":
+            ok = isinstance(self.values, list) and self.values and all(_is_choice(v) for v in self.values)
+            if not ok:
+                raise UserError(f"parameter {self.name}: values must be a non-empty list of numbers, strings or "
+                                f"booleans, got {show(self.values)}")
+            return
+        if self.kind not in ("int", "float") or not isinstance(self.log, bool):
+            raise UserError(f"parameter {self.name}: kind must be choice, int or float, got {show(self.kind)}")
+        if not (_is_number(self.low) and _is_number(self.high) and self.low < self.high):
+            raise UserError(f"parameter {self.name}: needs numbers low < high, got {show(self.low)}, {show(self.high)}")
+        if self.log and self.low <= 0:
+            raise UserError(f"parameter {self.name}: a log range needs low > 0")
 
     def suggest(self, trial: Any) -> Any:
         if self.kind == "choice":
@@ -51,6 +79,14 @@ class Param:
         if self.kind == "choice":
             return f"{self.name} in {{{', '.join(map(str, self.values))}}}"
         return f"{self.name} in [{self.low}, {self.high}]{' (log)' if self.log else ''}"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_choice(v: Any) -> bool:
+    return isinstance(v, str | bool) or _is_number(v)
 
 
 def _field_type(section: str, name: str) -> str:
@@ -134,6 +170,9 @@ def format_cell(values: dict[str, Any]) -> str:
 
 def expand_grid(params: list[Param]) -> list[dict[str, Any]]:
     """Every combination, the first parameter varying slowest."""
+    size = math.prod(len(p.values) for p in params)
+    if size > MAX_GRID_CELLS:
+        raise UserError(f"the grid has {size:,} cells; at most {MAX_GRID_CELLS:,} (use --random or --search)")
     return [dict(zip([p.name for p in params], combo, strict=True))
             for combo in itertools.product(*(p.values for p in params))]
 
