@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -70,39 +71,29 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from slmkit.train import train
+    from slmkit.train import default_preset, resume_config, train
 
     flags = config_flags(args)
     if args.resume:
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, flags)
     else:
-        cfg = resolve_config(args.preset, args.config, flags)
+        preset, note = args.preset, None
+        if not preset and not args.config:
+            preset = default_preset(flags.get("train", {}).get("device", "auto"))
+            if preset:
+                note = (f"no --preset or --config given: on this CPU slmkit trains the {preset} preset, the CPU "
+                        "recipe (--preset shakespeare-char for the 10.8M-parameter model)")
+        cfg = resolve_config(preset, args.config, flags)
         run_dir = Path(args.out_dir) if args.out_dir else default_run_dir(cfg)
+        note = note if not args.quiet else None
     result = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.quiet,
-                   force=args.force)
+                   force=args.force, note=None if args.resume else note)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun the result is printed once, by rank 0
     final = f", full val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     print(f"done: {result.step} steps, best val loss {result.best_val_loss:.4f}{final}, "
           f"{result.params / 1e6:.2f}M params, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}")
-
-
-RESUME_OVERRIDABLE = {"max_iters", "eval_interval", "log_interval", "device", "dtype", "compile",
-                      "sample_tokens", "checkpoint_interval", "lr_decay_iters"}
-
-
-def resume_config(run_dir: Path, flags: dict[str, dict[str, Any]]) -> RunConfig:
-    from slmkit.checkpoint import LAST, load_checkpoint
-    from slmkit.config import apply_overrides
-
-    if not (run_dir / LAST).is_file():
-        raise UserError(f"--resume: {run_dir} holds no {LAST} to continue from")
-    cfg = load_checkpoint(run_dir / LAST).config
-    fixed = sorted(n for sec, vals in flags.items() for n in vals if n not in RESUME_OVERRIDABLE)
-    if fixed:
-        raise UserError(f"--resume continues the saved configuration; cannot change: {', '.join(fixed)}")
-    apply_overrides(cfg, flags, source="command line")
-    cfg.validate()
-    return cfg
 
 
 def read_text_file(path: str) -> str:
@@ -146,22 +137,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from slmkit.api import load
-    from slmkit.data import open_prepared, prepare
+    from slmkit.data import dataset_tokens, open_prepared
 
     lm = load(args.run, args.device, args.dtype, args.checkpoint, args.weights)
-    cfg = lm.checkpoint.config
+    data = lm.checkpoint.config.data
+    if args.prepared and args.dataset:
+        raise UserError("give --dataset or --prepared, not both")
+    # A text the run was not trained on has no split of its own to pick: all of it is scored.
+    split = args.split or ("all" if args.dataset else "val")
     if args.dataset:
-        cfg.data.dataset = args.dataset
+        data.dataset = args.dataset
     if args.data_path:
-        cfg.data.data_path = args.data_path
-    data = open_prepared(args.prepared) if args.prepared else prepare(cfg.data)
-    if data.tokenizer.fingerprint() != lm.tokenizer.fingerprint():
-        raise UserError("the dataset was prepared with a different tokenizer than this model's")
-    tokens = data.tokens(args.split)
-    chars = int(data.meta["chars"][args.split] * (len(tokens) - 1) / max(len(tokens), 1))
+        data.data_path = args.data_path
+    # Always the run's own tokenizer: any text is scored in the vocabulary the model was trained on.
+    text = (open_prepared(args.prepared).encoded(lm.tokenizer, split) if args.prepared
+            else dataset_tokens(data, lm.tokenizer, split))
+    tokens = text.tokens
+    chars = int(text.chars * (len(tokens) - 1) / max(len(tokens), 1))  # the first token is context only
     s = lm.evaluate_tokens(tokens, chars, args.batch_size)
-    payload = {"split": args.split, "source": data.meta["source"], **s.as_dict()}
-    emit(args, payload, f"{args.split}: loss {s.loss:.4f}  perplexity {s.perplexity:.3f}  "
+    payload = {"split": split, "source": text.source, **s.as_dict()}
+    emit(args, payload, f"{split} ({text.source}): loss {s.loss:.4f}  perplexity {s.perplexity:.3f}  "
                         f"bits/char {s.bits_per_char:.4f}  ({s.tokens:,} tokens)")
 
 
@@ -241,7 +236,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     else:
         raise UserError("give --run RUN_DIR or --tokenizer NAME")
     if args.decode is not None:
-        raw = args.decode if args.decode != "-" else sys.stdin.read()
+        raw = args.decode if args.decode != "-" else read_text_file("-")
         try:
             ids = [int(x) for x in raw.replace(",", " ").split()]
         except ValueError:
@@ -310,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--prompt-file", help="read the prompt from a file ('-' = stdin)")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="softmax temperature; 0 (or anything below 1e-5) = greedy")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens; 0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples")
@@ -325,10 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity and bits/char on a whole split (deterministic)",
                        formatter_class=fmt)
     _add_model_source(p)
-    p.add_argument("--split", choices=("val", "train"), default="val", help="which split")
-    p.add_argument("--dataset", help="evaluate on another corpus, with the model's tokenizer")
+    p.add_argument("--split", choices=("val", "train", "all"), default=None,
+                   help="val or train: that split, cut as training cuts it (the run's val_fraction); all: the "
+                        "whole text (default: val of the run's own dataset, all of a --dataset)")
+    p.add_argument("--dataset", help="score another corpus (a .txt file, a folder of them, a named dataset or a "
+                                     "prepared folder) with the model's own tokenizer")
     p.add_argument("--data-path", help="local file for a named dataset")
-    p.add_argument("--prepared", help="a prepared data folder (from slm prepare --out)")
+    p.add_argument("--prepared", help="a prepared data folder (from slm prepare --out) holding the model's tokens")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -328,12 +329,13 @@ def _coerce(value: Any, target_type: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise UserError(f"{where}: expected a string, got {show(value)}")
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    # numbers.Real also admits numpy scalars (a sweep or a script may pass them); they leave as int / float.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | str):
         raise UserError(f"{where}: expected {kind.__name__}, got {show(value)}")
     return _to_float(value, where) if kind is float else _to_int(value, where)
 
 
-def _to_float(value: int | float | str, where: str) -> float:
+def _to_float(value: numbers.Real | str, where: str) -> float:
     try:
         number = float(value)
     except (ValueError, OverflowError):  # "abc"; an int beyond the float range
@@ -343,8 +345,14 @@ def _to_float(value: int | float | str, where: str) -> float:
     return number
 
 
-def _to_int(value: int | float | str, where: str) -> int:
-    if isinstance(value, float):
+def _to_int(value: numbers.Real | str, where: str) -> int:
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        try:
+            value = float(value)
+        except OverflowError:
+            raise UserError(f"{where}: {show(value)} is out of range") from None
         # Checked before int(): int(inf) raises, and int(1e30) is a 31-digit integer.
         if not math.isfinite(value) or not value.is_integer():
             raise UserError(f"{where}: expected int, got {show(value)}")

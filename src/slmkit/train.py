@@ -115,7 +115,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             record = None
         if isinstance(record, dict) and isinstance(record.get("step", 0), int):
             records.append(record)
@@ -144,7 +144,8 @@ class Progress:
             self.bar.n = step
             self.bar.set_postfix({k: v for k, v in info.items() if v is not None}, refresh=True)
         elif line:
-            print(" ".join(f"{k} {v}" for k, v in {"step": step, **info}.items() if v is not None), flush=True)
+            print(" ".join(f"{k} {v}" for k, v in {"step": step, **info}.items() if v is not None),
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -300,8 +301,12 @@ class Trainer:
         SIGINT/SIGTERM stop at the next step boundary with a checkpoint (see StopRequests)."""
         t = self.cfg.train
         self.model.train()
-        bar = Progress(t.max_iters, self.step, progress and self.ddp.is_main)
+        show = progress and self.ddp.is_main
+        if show:
+            print(self.banner(), file=sys.stderr, flush=True)
+        bar = Progress(t.max_iters, self.step, show)
         start = time.perf_counter()
+        first_step = self.step
         self._window = (time.perf_counter(), 0)
         history: list[dict[str, Any]] = []
         with StopRequests() as stops:
@@ -312,7 +317,11 @@ class Trainer:
                 record, saved = self._after_step(loss_t, elapsed)
                 if len(record) > 1:
                     history.append(record)
-                    bar.update(self.step, self._progress_info(record), line=True)
+                    info = self._progress_info(record)
+                    done = self.step - first_step
+                    if done >= 10 or "val_loss" in record:  # an estimate from the first steps, then refined
+                        info["eta"] = format_seconds((time.perf_counter() - start) / done * (t.max_iters - self.step))
+                    bar.update(self.step, info, line=True)
                 signum = stops.requested(self.ddp, self.device)
                 if signum is not None:
                     if not saved:
@@ -378,9 +387,34 @@ class Trainer:
 
     @staticmethod
     def _progress_info(record: dict[str, Any]) -> dict[str, Any]:
+        # Beside the validation loss goes the training loss on a fixed subset in eval mode, measured
+        # the same way: the gap between the two is the overfitting, which a dropout-on minibatch
+        # loss would blur.
         return {"loss": f"{record['loss']:.4f}" if "loss" in record else None,
+                "train": f"{record['train_eval_loss']:.4f}" if "train_eval_loss" in record else None,
                 "val": f"{record['val_loss']:.4f}" if "val_loss" in record else None,
                 "tok/s": f"{record['tokens_per_s']:,.0f}" if "tokens_per_s" in record else None}
+
+    def banner(self) -> str:
+        """One line before the first step: what runs where, and for how long."""
+        t, m = self.cfg.train, self.cfg.model
+        per_step = t.batch_size * t.grad_accum * self.ddp.world_size * m.block_size
+        precision = "float32" if self.dtype == torch.float32 else f"{str(self.dtype).removeprefix('torch.')} autocast"
+        start = f"resuming at step {self.step:,} of" if self.step else "training for"
+        procs = f" x {self.ddp.world_size} processes" if self.ddp.enabled else ""
+        return (f"{start} {t.max_iters:,} steps: {self.params / 1e6:.2f}M parameters on {self.device} in {precision}, "
+                f"{per_step:,} tokens per step ({t.batch_size} x {t.grad_accum} sequences{procs} of {m.block_size} "
+                f"tokens), {per_step * t.max_iters / 1e6:.2f}M tokens in all, evaluating every {t.eval_interval:,} "
+                f"-> {self.run_dir}")
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class _null:
@@ -392,25 +426,36 @@ class _null:
 
 
 def plot_losses(run_dir: Path) -> None:
-    """loss.png: training loss and the fixed-subset validation loss against steps."""
+    """loss.png: training and validation loss measured alike (fixed subsets, eval mode), the noisy
+    minibatch loss behind them, and the learning rate on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.6)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val loss (fixed subset)")
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in records if key in r]
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for key, label, style in (("loss", "minibatch loss (dropout on)", dict(alpha=0.25, color="tab:gray")),
+                              ("train_eval_loss", "train loss (fixed subset)", dict(marker="o", color="tab:blue")),
+                              ("val_loss", "val loss (fixed subset)", dict(marker="o", color="tab:orange"))):
+        points = series(key)
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    lr = series("lr")
+    if lr:
+        ax_lr = ax.twinx()
+        ax_lr.plot(*zip(*lr, strict=True), color="tab:green", alpha=0.5, linewidth=1)
+        ax_lr.set_ylabel("learning rate", color="tab:green")
+        ax_lr.tick_params(axis="y", colors="tab:green")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     try:
         atomic_write(Path(run_dir) / PLOT, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
@@ -464,6 +509,49 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> FolderLock:
     return lock
 
 
+def default_preset(device: str) -> str | None:
+    """The preset used when none is given: on a CPU the fast CPU recipe (the defaults describe a
+    10.8M-parameter model that needs hours there); elsewhere the defaults."""
+    from slmkit.runtime import resolve_device
+
+    return "cpu-fast" if resolve_device(device).type == "cpu" else None
+
+
+# What `--resume` may change: how long and how often, and where it runs; never the model, the data
+# or the optimisation that the saved state belongs to.
+RESUME_OVERRIDABLE = {"max_iters", "eval_interval", "log_interval", "device", "dtype", "compile",
+                      "sample_tokens", "checkpoint_interval", "lr_decay_iters", "final_eval"}
+
+
+def resume_config(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    """The saved configuration of `run_dir` with the allowed `overrides`.
+
+    A longer `max_iters` keeps the learning-rate schedule of the original length: the cosine ends
+    where it was going to, and the extra steps run at the floor learning rate. Re-stretching the
+    cosine over the new length would send the learning rate back up mid-run, undoing the anneal.
+    `--lr-decay-iters N` sets another decay length explicitly."""
+    from slmkit.config import apply_overrides
+
+    run_dir = Path(run_dir)
+    if not (run_dir / LAST).is_file():
+        raise UserError(f"--resume: {run_dir} holds no {LAST} to continue from")
+    cfg = load_checkpoint(run_dir / LAST).config
+    fixed = sorted(n for values in overrides.values() for n in values if n not in RESUME_OVERRIDABLE)
+    if fixed:
+        raise UserError(f"--resume continues the saved configuration; cannot change: {', '.join(fixed)}")
+    saved_length = cfg.train.lr_decay_iters or cfg.train.max_iters
+    apply_overrides(cfg, overrides, source="command line")
+    t = cfg.train
+    if t.max_iters != saved_length and "lr_decay_iters" not in overrides.get("train", {}) and not t.lr_decay_iters:
+        t.lr_decay_iters = saved_length
+        if t.max_iters > saved_length:
+            print(f"note: the learning-rate schedule keeps its original length ({saved_length:,} steps); steps "
+                  f"{saved_length + 1:,}-{t.max_iters:,} run at the floor rate {t.floor_lr:.3g} (--lr-decay-iters N "
+                  "decays over N steps instead)", file=sys.stderr)
+    cfg.validate()
+    return cfg
+
+
 def train(
     cfg: RunConfig,
     run_dir: str | Path,
@@ -475,10 +563,12 @@ def train(
     final_eval: bool = True,
     on_eval: Callable[[int, float], bool | None] | None = None,
     force: bool = False,
+    note: str | None = None,
 ) -> TrainResult:
     """Pre-train (or continue) a model; the library entry point behind `slm train`.
 
-    `force` trains even when the memory estimate exceeds the free memory."""
+    `force` trains even when the memory estimate exceeds the free memory; `note` is printed with
+    the start banner (once everything is checked, so an error stays the only line)."""
     from slmkit.evaluation import score_tokens
 
     run_dir = Path(run_dir)
@@ -493,10 +583,15 @@ def train(
             if resume:
                 trainer.metrics.truncate_after(trainer.step)
         barrier(trainer.ddp)
+        if note and progress and trainer.ddp.is_main:
+            print(note, file=sys.stderr)
         result = trainer.fit(stop_after_step=stop_after_step, progress=progress, on_eval=on_eval)
         if trainer.ddp.is_main and trainer.step >= cfg.train.max_iters:
             if final_eval:
                 val = trainer.val_tokens
+                if progress:
+                    print(f"final evaluation on the whole validation split ({len(val):,} tokens; skip it with "
+                          "--no-final-eval)", file=sys.stderr, flush=True)
                 chars = int(data.meta["chars"]["val"] * (len(val) - 1) / max(len(val), 1))
                 score = score_tokens(trainer.model, val, chars, cfg.train.batch_size, trainer.device, trainer.dtype)
                 result.final_val_loss = score.loss

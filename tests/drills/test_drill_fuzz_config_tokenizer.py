@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from slmkit.tokenizers import (
     load_tokenizer,
 )
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELD_NAMES = sorted({f for cls in SECTIONS.values() for f in cls.__dataclass_fields__})
 
 # ----------------------------------------------------------------------------- values of every type
@@ -56,8 +55,11 @@ UNKNOWN = st.dictionaries(st.one_of(st.sampled_from(["preset", "nope", "n_layers
 CONFIG_MAPPINGS = st.builds(
     lambda flat, sections, extra: {**flat, **sections, **extra},
     KNOWN,
-    st.dictionaries(st.sampled_from(list(SECTIONS)), st.one_of(KNOWN, KNOWN, KNOWN, SCALARS), max_size=2),
-    st.one_of(st.just({}), st.just({}), st.just({}), UNKNOWN),
+    st.one_of(st.fixed_dictionaries({}, optional={
+        name: st.dictionaries(st.sampled_from(sorted(cls.__dataclass_fields__)), VALUES, max_size=3)
+        for name, cls in SECTIONS.items()}), st.dictionaries(st.sampled_from(list(SECTIONS)), KNOWN, max_size=1)),
+    st.one_of(st.just({}), st.just({}), st.just({}), st.just({}), UNKNOWN,
+              st.dictionaries(st.sampled_from(list(SECTIONS)), SCALARS, max_size=1)),
 )
 
 def toml_value(v: Any) -> str:
@@ -69,14 +71,19 @@ def toml_value(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else "inf" if v == math.inf else "-inf" if v == -math.inf else repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # JSON's escapes are TOML basic-string escapes
+        return toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return "{" + ", ".join(f"{toml_string(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+
+
+def toml_string(s: str) -> str:
+    # JSON's control-character escapes are TOML's too; DEL must be escaped in TOML, not in JSON.
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def toml_text(mapping: dict[str, Any]) -> str:
-    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in mapping.items())
+    return "".join(f"{toml_string(k)} = {toml_value(v)}\n" for k, v in mapping.items())
 
 
 def yaml_text(mapping: dict[str, Any]) -> str:
@@ -85,10 +92,20 @@ def yaml_text(mapping: dict[str, Any]) -> str:
     return yaml.safe_dump(mapping, allow_unicode=True)
 
 
+_SCRATCH: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch(tmp_path_factory):
+    """One folder for every example (Hypothesis runs many per test; tmp_path is per test)."""
+    _SCRATCH.append(tmp_path_factory.mktemp("fuzz"))
+    yield
+    _SCRATCH.pop()
+
+
 def write(suffix: str, content: str | bytes) -> Path:
-    # Hypothesis runs many examples per test, so the function-scoped tmp_path is not used.
-    folder = Path(tempfile.mkdtemp(prefix="slmkit-fuzz-"))
-    path = folder / f"input{suffix}"
+    """The input file of this example (examples run one after another, so one name is reused)."""
+    path = _SCRATCH[-1] / f"input{suffix}"
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:

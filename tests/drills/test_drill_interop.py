@@ -291,7 +291,8 @@ def test_full_disk_mid_export_leaves_the_previous_export_intact(tmp_path, capsys
 
         monkeypatch.setattr(safetensors_io, "open", FullDisk, raising=False)
     code, err = cli(capsys, *export_args(sources["run"], out, "--overwrite"))
-    assert_refused(code, err, "no space left on the device")
+    line = assert_refused(code, err, "no space left on the device")
+    assert TMP_SUFFIX not in line and str(out) in line
     assert snapshot(out) == before
     assert leftovers(tmp_path) == [] and leftovers(out) == []
 

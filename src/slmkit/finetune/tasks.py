@@ -14,12 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slmkit.errors import UserError
+from slmkit.fileio import read_utf8
 
 FAMILIES = ("classification", "entailment", "similarity", "multiple_choice")
 FORMATS = ("tsv", "csv", "jsonl")
@@ -271,15 +271,8 @@ def _rows(text: str, fmt: str, source: str) -> list[tuple[int, Any]]:
 
 
 def _read_text(path: str | Path) -> tuple[str, str]:
-    if str(path) == "-":
-        return sys.stdin.read(), "<stdin>"
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data file not found: {p}")
-    try:
-        return p.read_text(encoding="utf-8-sig"), str(p)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{p} is not UTF-8 text (byte {exc.start})") from None
+    text = read_utf8(path, "data file").removeprefix("\ufeff")  # spreadsheet exports start with a BOM
+    return text, "<stdin>" if str(path) == "-" else str(path)
 
 
 def read_examples(spec: TaskSpec, path: str | Path, require_label: bool = True,

@@ -52,12 +52,13 @@ def check_out(out: Path, kind: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, kind: str, overwrite: bool) -> Iterator[Path]:
+def staged_output(out: Path, kind: str, overwrite: bool, last: str) -> Iterator[Path]:
     """A temporary sibling of `out` to write into; it becomes `out` only when the block completes.
+    Over an earlier output, `last` (the file a reader needs first) is replaced after all the others.
 
     Errors raised inside name the temporary folder, which the user never sees: they are rewritten to
     name `out` (whose previous contents are untouched)."""
-    with staged_folder(out, kind, overwrite, "--out") as stage:
+    with staged_folder(out, kind, overwrite, "--out", last=last) as stage:
         try:
             yield stage
         except UserError as exc:

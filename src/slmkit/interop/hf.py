@@ -361,7 +361,7 @@ def import_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path
     preset = _matching_preset(mcfg)
     cfg = preset_config(preset) if preset else RunConfig()
     cfg.model = mcfg
-    with staged_output(target, "import", overwrite) as stage:
+    with staged_output(target, "import", overwrite, last=BEST) as stage:
         _write_vocab(cfg, tokenizer, stage, target)
         write_run(stage, tensors, cfg, tokenizer, {"format": "hf", "model_type": family, "src": str(src)})
     return target / BEST
@@ -446,7 +446,7 @@ def export_hf(run: str | Path, out: str | Path, which: str = "best", with_tokeni
         t = state[names[hf_name]].float()
         return t.t() if is_conv(names[hf_name]) else t
 
-    with staged_output(target, "export", overwrite) as stage:
+    with staged_output(target, "export", overwrite, last="model.safetensors") as stage:
         write_safetensors(stage / "model.safetensors", specs, produce, metadata={"format": "pt"})
         atomic_write_json(stage / "config.json", hf_cfg)
         if with_tokenizer:

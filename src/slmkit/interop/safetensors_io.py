@@ -225,7 +225,10 @@ def read_header(path: str | Path) -> Header:
     path = Path(path)
     f, size = _open_regular(path)
     with f:
-        return parse_header(path, f, size)
+        try:
+            return parse_header(path, f, size)
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _read_into(path: Path, f: BinaryIO, e: TensorEntry, base: int) -> torch.Tensor:
@@ -251,10 +254,13 @@ def iter_safetensors(
     path = Path(path)
     f, size = _open_regular(path)
     with f:
-        header = parse_header(path, f, size)
-        for e in header.entries:
-            if not skip(e.name):
-                yield e.name, _read_into(path, f, e, header.data_start)
+        try:
+            header = parse_header(path, f, size)
+            for e in header.entries:
+                if not skip(e.name):
+                    yield e.name, _read_into(path, f, e, header.data_start)
+        except OSError as exc:  # a failing disk or network mount half way through
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def write_safetensors(

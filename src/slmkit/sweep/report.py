@@ -68,7 +68,7 @@ def count_params(run_dir: Path) -> int | None:
         cfg = RunConfig.from_dict(read_json(p, "run config"))
         with torch.device("meta"):
             return GPT(cfg.model).num_params()
-    except (UserError, ValueError):  # a corrupted config.json, or one without a vocabulary size
+    except (UserError, ValueError, RecursionError):  # a corrupted config.json, or one without a vocabulary size
         return None
 
 
@@ -242,7 +242,8 @@ def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelop
     ax.set_xlabel(xlabel)
     ax.set_ylabel("best val loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no finished trial yet: an empty legend only warns
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 

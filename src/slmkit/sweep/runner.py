@@ -299,7 +299,10 @@ def load_spec(sweep_dir: Path) -> SweepSpec:
     p = Path(sweep_dir) / SPEC_FILE
     if not p.is_file():
         raise UserError(f"{sweep_dir} is not a sweep directory (no {SPEC_FILE})")
-    data = read_json(p, "sweep spec")
+    try:
+        data = read_json(p, "sweep spec")
+    except RecursionError:  # json.loads on thousands of nested brackets
+        raise UserError(f"{p} is corrupted: nested too deeply") from None
     try:
         return SweepSpec.from_dict(data)
     except UserError as exc:
