@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--vocab-dir", default=str(SHARED_DATA / "vocab" / "gpt2"))
     args = ap.parse_args()
-    cfg = DataConfig(dataset=args.corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+    cfg = DataConfig(dataset=args.corpus, tokenizer=args.tokenizer, bpe_vocab_size=args.vocab_size,
                      vocab_dir=args.vocab_dir)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -52,3 +52,25 @@ def tiny_config(corpus: Path, **train_overrides):
     for k, v in train_overrides.items():
         setattr(t, k, v)
     return cfg
+
+
+def one_error_line(stderr: str) -> str:
+    """The whole of stderr is one `error: ...` line (no traceback, nothing else); return it."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def cli_fails(argv: list, capsys, match: str | None = None) -> str:
+    """Run `slm argv` in-process; it must exit non-zero with one `error:` line, which is returned."""
+    import re
+
+    from slmkit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    assert exc.value.code not in (0, None)
+    line = one_error_line(capsys.readouterr().err)
+    if match is not None:
+        assert re.search(match, line), line
+    return line

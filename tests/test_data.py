@@ -115,7 +115,7 @@ def test_chunked_encoding_equals_whole_text_encoding():
 def test_bpe_large_vocabulary_uses_uint32(tmp_path):
     text = " ".join(f"w{i}" for i in range(30000))
     (tmp_path / "c.txt").write_text(text)
-    tok_cfg = DataConfig(dataset=str(tmp_path / "c.txt"), tokenizer="bpe", vocab_size=70000)
+    tok_cfg = DataConfig(dataset=str(tmp_path / "c.txt"), tokenizer="bpe", bpe_vocab_size=70000)
     data = prepare(tok_cfg, out_dir=tmp_path / "p")
     assert data.meta["dtype"] == ("uint32" if data.tokenizer.vocab_size > 65536 else "uint16")
 

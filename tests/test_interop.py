@@ -157,7 +157,7 @@ def test_export_our_trained_model_loads_in_transformers(tmp_path, tiny_corpus):
     from slmkit.train import train
 
     cfg = tiny_config(tiny_corpus, max_iters=2, eval_interval=2, sample_tokens=0)
-    cfg.data.tokenizer, cfg.data.vocab_size = "bpe", 300
+    cfg.data.tokenizer, cfg.data.bpe_vocab_size = "bpe", 300
     cfg.model.bias, cfg.model.n_inner = False, 48
     train(cfg, tmp_path / "run", progress=False)
     export_hf(tmp_path / "run", tmp_path / "hf")

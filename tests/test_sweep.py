@@ -77,6 +77,7 @@ def test_grid_expands_in_order_with_typed_values(tiny_corpus):
     ({"grid": ["n_layer=1,2"], "storage": "sqlite:////nonexistent/dir/study.db"}, "cannot open the study storage"),
     ({"grid": ["n_layer=1,2"], "storage": "nosuchdb://host/db"}, "cannot open the study storage"),
     ({"grid": ["max_iters=10,20"], "trial_seconds": 5}, "do not also sweep max_iters"),
+    ({"grid": ["epochs=1,2"], "trial_seconds": 5}, "do not also sweep epochs"),
 ])
 def test_errors_come_before_any_trial(tmp_path, tiny_corpus, kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")) as exc:
@@ -226,15 +227,18 @@ def test_crashed_trial_is_failed_and_sweep_goes_on(tmp_path, tiny_corpus):
     assert "failed: " in (d / "report.md").read_text()
 
 
-def test_time_budget_gives_equal_wall_time(tmp_path, tiny_corpus):
+def test_time_budget_gives_equal_wall_time(tmp_path, tiny_corpus, capsys):
     d = tmp_path / "sw"
     cfg = base(tiny_corpus)
-    cfg.train.eval_interval = 20
+    # Sized for a long run: in a 2 s trial they would leave one evaluation and a warmup never finished.
+    cfg.train.eval_interval, cfg.train.warmup_iters = 20, 10**6
     sweep.create(d, cfg, grid=["n_embd=16,128"], trial_seconds=2.0)
-    sweep.run(d, show=False, report=False)
+    sweep.run(d, show=True, report=False)
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith("/2]")]
     _, trials = finished(d)
     planned = {t.params["n_embd"]: t.user_attrs["planned_max_iters"] for t in trials}
     assert planned[16] > planned[128] > 1  # the bigger model gets fewer steps in the same time
+    _, rows = collect_rows(d)
     for t in trials:
         records = read_metrics(d / t.user_attrs["run_dirs"][0])
         wall = max(r["elapsed"] for r in records if "elapsed" in r)
@@ -242,6 +246,43 @@ def test_time_budget_gives_equal_wall_time(tmp_path, tiny_corpus):
         # The whole schedule ran, or the guard stopped it at the budget; either way within it.
         assert steps == planned[t.params["n_embd"]] or t.user_attrs.get("stopped_by_budget")
         assert wall <= 2.0 * 1.6, (t.params, wall)
+        # The schedule is scaled to the budget: a short warmup, and a curve of evaluations.
+        saved = json.loads((d / t.user_attrs["run_dirs"][0] / "config.json").read_text())["train"]
+        assert saved["warmup_iters"] == int(0.1 * planned[t.params["n_embd"]])
+        evaluations = sum("val_loss" in r for r in records)
+        assert 5 <= evaluations <= 10 or t.user_attrs.get("stopped_by_budget"), evaluations
+        # The terminal's time column is the report's wall time.
+        row = next(r for r in rows if r["trial"] == t.number)
+        assert t.user_attrs["elapsed"] == [pytest.approx(row["wall_s"], abs=0.01)]
+        printed = next(cells for cells in table if cells[0] == str(t.number))
+        assert printed[4] == f"{row['wall_s']:.1f}"
+
+
+def test_budget_schedule_fits_evaluations_and_warmup():
+    from slmkit.sweep.runner import fit_schedule
+
+    plan = fit_schedule(warmup_iters=100, seconds=60.0, step_s=0.05, eval_s=1.0)
+    evaluations = plan.max_iters // plan.eval_interval + (plan.max_iters % plan.eval_interval > 0)
+    assert 8 <= evaluations <= 9 and plan.warmup_iters == 100
+    assert plan.max_iters * 0.05 + evaluations * 1.0 <= 60.0
+    assert fit_schedule(100, 6.0, 0.05, 0.01).warmup_iters == int(0.1 * fit_schedule(100, 6.0, 0.05, 0.01).max_iters)
+    slow_eval = fit_schedule(10, 3.0, 0.01, 1.0)  # room for one evaluation besides the last
+    assert (slow_eval.max_iters, slow_eval.eval_interval) == (100, 100)
+    assert fit_schedule(10, 1.0, 5.0, 5.0).max_iters == 1  # nothing fits: one step, one evaluation
+
+
+def test_finished_sweep_resumed_prints_its_results(grid_sweep, capsys):
+    from slmkit.cli import main
+    from slmkit.sweep.report import markdown_table
+
+    stamp = (grid_sweep / "report.md").stat().st_mtime_ns
+    main(["sweep", "--resume", str(grid_sweep)])
+    out = capsys.readouterr().out
+    spec, rows = collect_rows(grid_sweep)
+    assert "all 4 trial(s) are finished; nothing was left to run" in out
+    assert markdown_table(spec, rows) in out and markdown_table(spec, rows) in (grid_sweep / "report.md").read_text()
+    assert f"best: trial {rows[0]['trial']}" in out
+    assert (grid_sweep / "report.md").stat().st_mtime_ns == stamp  # nothing ran, nothing rewritten
 
 
 def test_random_and_tpe_searches_with_seeds(tmp_path, tiny_corpus):

@@ -85,7 +85,7 @@ def test_resume_with_another_tokenizer_is_refused(tiny_corpus, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("completely different alphabet: QXZ!? " * 300)
     cfg2 = tiny_config(other, max_iters=4, eval_interval=2, sample_tokens=0)
-    with pytest.raises(UserError, match="different tokenizer"):
+    with pytest.raises(UserError, match="cannot change: dataset"):
         train(cfg2, tmp_path / "r", resume=True, progress=False)
 
 

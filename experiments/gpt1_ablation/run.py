@@ -41,7 +41,7 @@ SCALES = {
     # and ~8 for the 15 fine-tuning runs, on one thread of a shared 2-core machine.
     "cpu": {
         "model": dict(n_layer=3, n_head=4, n_embd=96, block_size=96, dropout=0.1, ln="pre"),
-        "data": dict(vocab_size=2048, val_fraction=0.02),
+        "data": dict(bpe_vocab_size=2048, val_fraction=0.02),
         "train": dict(batch_size=32, max_iters=600, learning_rate=3e-3, warmup_iters=50, eval_interval=600,
                       eval_iters=10, log_interval=100, weight_decay=0.01, sample_tokens=0),
         "finetune": dict(learning_rate=1e-3, batch_size=16, epochs=3, max_len=96),
@@ -51,7 +51,7 @@ SCALES = {
     # (7.7M tokens), twice the fine-tuning examples.
     "cpu-long": {
         "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=96, dropout=0.1, ln="pre"),
-        "data": dict(vocab_size=2048, val_fraction=0.02),
+        "data": dict(bpe_vocab_size=2048, val_fraction=0.02),
         "train": dict(batch_size=32, max_iters=2500, learning_rate=3e-3, warmup_iters=100, eval_interval=500,
                       eval_iters=10, log_interval=100, weight_decay=0.01, sample_tokens=0),
         "finetune": dict(learning_rate=1e-3, batch_size=16, epochs=3, max_len=96),
@@ -60,7 +60,7 @@ SCALES = {
     # ~10M parameters and the full training sets: for one GPU (minutes on an H100).
     "gpu": {
         "model": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1, ln="pre"),
-        "data": dict(vocab_size=8192, val_fraction=0.02),
+        "data": dict(bpe_vocab_size=8192, val_fraction=0.02),
         "train": dict(batch_size=64, max_iters=6000, learning_rate=1e-3, warmup_iters=200, eval_interval=1000,
                       eval_iters=20, log_interval=100, weight_decay=0.01, sample_tokens=0),
         "finetune": dict(learning_rate=1e-4, batch_size=32, epochs=3, max_len=256),

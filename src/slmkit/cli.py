@@ -14,29 +14,63 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from slmkit.config import PRESETS, SECTIONS, WEIGHT_FORMATS, RunConfig, resolve_config
+from slmkit.config import PRESETS, SECTIONS, WEIGHT_FORMATS, DataConfig, RunConfig, resolve_config
 from slmkit.errors import UserError
 
 # ----------------------------------------------------------------------------- flag generation
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default, once: added as "(default: X)" unless its help already states one, and
+    never for an option without a default to show (None, an empty string, an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == "" or default is argparse.SUPPRESS
+        if nothing or not action.option_strings or "(default" in text or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """`slm` and all its subcommands (subparsers are made with the parent's class) use HelpFormatter,
+    also those that ask for argparse's ArgumentDefaultsHelpFormatter: it shows the same defaults,
+    without "(default: None)" or a second copy of one the help states."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("formatter_class") in (None, argparse.ArgumentDefaultsHelpFormatter):
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
-    """One `--kebab-name` flag per config field; unset flags stay None so they do not override."""
+    """One `--kebab-name` flag per config field; unset flags stay None so they do not override.
+
+    Their help states the field's default (the flag's own default is None); a field with choices
+    lists them ({pre,post}) instead of a metavar; `flags` in a field's metadata adds other names."""
     for section in sections:
         group = parser.add_argument_group(f"{section} settings")
         for f in fields(SECTIONS[section]):
             if not f.metadata.get("cli", True):
                 continue
-            default = f.default if f.default is not MISSING else None
-            flag = "--" + f.name.replace("_", "-")
-            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            names = ["--" + f.name.replace("_", "-"), *f.metadata.get("flags", ())]
+            help_text = f.metadata.get("help", "") + _default_note(f.default)
             if f.type == "bool":
-                group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
+                group.add_argument(*names, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
                                    default=None, help=help_text)
                 continue
             kind = {"int": int, "float": float, "str": str}[f.type]
-            group.add_argument(flag, dest=f"{section}.{f.name}", type=kind, default=None,
-                               choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
+            choices = f.metadata.get("choices")
+            group.add_argument(*names, dest=f"{section}.{f.name}", type=kind, default=None, choices=choices,
+                               metavar=None if choices else f.name.upper(), help=help_text)
+
+
+def _default_note(default: Any) -> str:
+    """' (default: X)' for help text; nothing for an empty default (it would read "(default: )")."""
+    if default is MISSING or default is None or default == "":
+        return ""
+    return f" (default: {default})".replace("%", "%%")
 
 
 def config_flags(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -195,11 +229,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         cfg, source = ckpt.config, str(args.run)
         tok_desc = ckpt.tokenizer.describe()
     else:
-        cfg = resolve_config(args.preset, args.config, config_flags(args))
+        cfg = resolve_config(args.preset, args.config, config_flags(args), need_vocab_dir=False)
         source = f"preset {args.preset}" if args.preset else "defaults"
-        tok_desc = cfg.data.tokenizer
-        if not cfg.model.vocab_size:
-            cfg.model.vocab_size = {"char": 65, "gpt2": 50257}.get(cfg.data.tokenizer, cfg.data.vocab_size)
+        vocab, tok_desc = configured_vocabulary(cfg.data)
+        cfg.model.vocab_size = cfg.model.vocab_size or vocab
     import torch
 
     with torch.device("meta"):  # count parameters without allocating them (GPT-2 XL fits anywhere)
@@ -213,11 +246,40 @@ def cmd_info(args: argparse.Namespace) -> None:
     m = cfg.model
     lines = [f"{source}: {b.total / 1e6:.2f}M parameters",
              f"  {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, MLP {m.mlp_width}, block {m.block_size}, "
-             f"vocab {m.vocab_size}, {m.ln}-LN, dropout {m.dropout}, bias {m.bias}; {tok_desc}"]
+             f"vocab {m.vocab_size}, {m.ln}-LN, dropout {m.dropout}, bias {m.bias}",
+             f"  vocabulary: {tok_desc}"]
     for name, n in rows:
         note = "  (tied to the token embedding)" if name == "LM head" and n == 0 else ""
         lines.append(f"  {name:<26}{n:>14,}  {100 * n / b.total:5.1f}%{note}")
     emit(args, payload, "\n".join(lines))
+
+
+def configured_vocabulary(data: DataConfig) -> tuple[int, str]:
+    """(size, description) of the vocabulary a configuration trains with, read, never assumed: a
+    character model's is its corpus's distinct characters; a published one's is read from --vocab-dir,
+    or, without it, is that vocabulary's published size, said as such."""
+    from slmkit.config import PUBLISHED_VOCAB_SIZES
+    from slmkit.data import NAMED_DATASETS, is_prepared_folder, open_prepared, read_corpus
+
+    if data.dataset not in NAMED_DATASETS and is_prepared_folder(data.dataset):
+        tok = open_prepared(data.dataset).tokenizer
+        return tok.vocab_size, f"{tok.describe()}, from the prepared dataset {data.dataset}"
+    if data.tokenizer == "char":
+        text, source = read_corpus(data)
+        chars = len(set(text))
+        return chars, f"char: {chars} distinct characters of {source}"
+    if data.tokenizer == "bpe":
+        return data.bpe_vocab_size, (f"bpe: {data.bpe_vocab_size:,} tokens (bpe_vocab_size), trained on the corpus "
+                                     "when prepared")
+    if data.vocab_dir:
+        from slmkit.tokenizers import named_tokenizer
+
+        tok = named_tokenizer(data.tokenizer, data.vocab_dir)
+        return tok.vocab_size, f"{tok.describe()}, read from {data.vocab_dir}"
+    size = PUBLISHED_VOCAB_SIZES[data.tokenizer]
+    known = {"gpt2": "GPT-2's 50,257 tokens", "gpt1": "GPT-1's 40,478 tokens + 3 fine-tuning tokens"}
+    return size, (f"{data.tokenizer}: {size:,} tokens, the published size ({known[data.tokenizer]}); "
+                  "the files are read with --vocab-dir")
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -275,9 +337,11 @@ def _add_text_input(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slm", description="slmkit: build small GPT language models from scratch.")
+    from slmkit import __version__
+
+    parser = Parser(prog="slm", description="slmkit: build small GPT language models from scratch.")
+    parser.add_argument("--version", action="version", version=f"slm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     def preset_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--preset", help=f"start from a preset: {', '.join(PRESETS)}")
@@ -300,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="sample text from a trained model (streams to stdout)", formatter_class=fmt)
+    p = sub.add_parser("generate", help="sample text from a trained model (streams to stdout)")
     _add_model_source(p)
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--prompt-file", help="read the prompt from a file ('-' = stdin)")
@@ -318,8 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="loss, perplexity and bits/char on a whole split (deterministic)",
-                       formatter_class=fmt)
+    p = sub.add_parser("eval", help="loss, perplexity and bits/char on a whole split (deterministic)")
     _add_model_source(p)
     p.add_argument("--split", choices=("val", "train", "all"), default=None,
                    help="val or train: that split, cut as training cuts it (the run's val_fraction); all: the "
@@ -332,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("score", help="log-likelihood of a text under a model", formatter_class=fmt)
+    p = sub.add_parser("score", help="log-likelihood of a text under a model")
     _add_model_source(p)
     _add_text_input(p)
     p.add_argument("--no-eot", action="store_true", help="do not condition the first token on end-of-text")
@@ -348,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenize", help="text -> token ids and strings (or ids -> text with --decode)")
     p.add_argument("--run", help="run directory or checkpoint whose tokenizer to use")
-    p.add_argument("--tokenizer", choices=("gpt2",), help="a named tokenizer instead of a run's")
-    p.add_argument("--vocab-dir", help="encoder.json + vocab.bpe folder for --tokenizer gpt2")
+    p.add_argument("--tokenizer", choices=("gpt2", "gpt1"), help="a published tokenizer instead of a run's")
+    p.add_argument("--vocab-dir", help="its files: encoder.json + vocab.bpe (gpt2), encoder_bpe_40000.json + "
+                                       "vocab_40000.bpe (gpt1)")
     _add_text_input(p)
     p.add_argument("--decode", help="token ids to turn back into text ('-' = stdin)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -35,6 +35,7 @@ MAX_BATCH = 2**20  # batch_size, grad_accum
 MAX_STEPS = 10**12  # max_iters, warmup_iters, lr_decay_iters and the intervals
 MAX_EVAL_WINDOWS = 10**7  # eval_iters x batch_size: the fixed subsets' offsets are allocated up front
 MAX_SAMPLE_TOKENS = 10**6
+MAX_EPOCHS = 1e6
 # Seeds go to torch.manual_seed and numpy's default_rng as seed + step (+ rank): below 2**63 the sum
 # stays inside the unsigned 64-bit range both accept.
 SEED_LIMIT = 2**63
@@ -113,6 +114,11 @@ class ModelConfig:
         choices=GELU_FORMS,
     )
     layer_norm_epsilon: float = _opt(1e-5, "layer-norm epsilon", cli=False)
+    scaled_residual_init: bool = _opt(
+        True,
+        "GPT-2's init: the projections into the residual stream (c_proj) start at std 0.02 / sqrt(2 n_layer) "
+        "instead of GPT-1's plain N(0, 0.02)",
+    )
 
     @property
     def attention_dropout(self) -> float:
@@ -149,9 +155,11 @@ class DataConfig:
     data_path: str = _opt("", "local copy of a named dataset's file (tinyshakespeare: input.txt)")
     tokenizer: str = _opt("char", "char, bpe (trained on the corpus), gpt2 or gpt1 (both need --vocab-dir)",
                           choices=("char", "bpe", "gpt2", "gpt1"))
-    vocab_size: int = _opt(8192, "BPE vocabulary size when --tokenizer bpe (GPT-1 used 40,000 merges)",
-                           bounds=(1, MAX_VOCAB))
-    vocab_dir: str = _opt("", "folder holding encoder.json + vocab.bpe for --tokenizer gpt2")
+    # Not `vocab_size`: that is the model's (a flat `vocab_size = N` in a config file sets the model's).
+    bpe_vocab_size: int = _opt(8192, "BPE vocabulary size when --tokenizer bpe (GPT-1 used 40,000 merges)",
+                               bounds=(1, MAX_VOCAB), flags=("--vocab-size",))
+    vocab_dir: str = _opt("", "folder holding the published vocabulary: encoder.json + vocab.bpe (gpt2), "
+                              "encoder_bpe_40000.json + vocab_40000.bpe (gpt1)")
     val_fraction: float = _opt(0.1, "fraction of the corpus (taken from its end) used for validation")
     cache_dir: str = _opt("", "where prepared token files are cached (default: ~/.cache/slmkit)")
 
@@ -159,8 +167,30 @@ class DataConfig:
         check_fields(self)
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.tokenizer == "bpe" and self.vocab_size < 260:
-            raise UserError(f"BPE vocab_size must be at least 260 (256 bytes + specials), got {self.vocab_size}")
+        if self.tokenizer == "bpe" and self.bpe_vocab_size < 260:
+            raise UserError(f"bpe_vocab_size must be at least 260 (256 bytes + specials), got {self.bpe_vocab_size}")
+
+    def check_vocab_dir(self) -> None:
+        """A published vocabulary needs its files: said before any work, naming the flag and the files.
+
+        Not part of validate(): a saved run or checkpoint names its tokenizer but carries it."""
+        files = VOCAB_FILES.get(self.tokenizer)
+        if files and not self.vocab_dir and not _is_prepared(self.dataset):
+            raise UserError(f"the {self.tokenizer} tokenizer needs --vocab-dir with {files}")
+
+
+# The files of each published vocabulary (tokenizers.py and interop read them).
+VOCAB_FILES = {"gpt2": "encoder.json and vocab.bpe", "gpt1": "encoder_bpe_40000.json and vocab_40000.bpe"}
+# The sizes of the published vocabularies, for describing a configuration without its files. GPT-1's
+# 40,478 entries are followed by its 3 fine-tuning tokens (start, delimiter, extract).
+PUBLISHED_VOCAB_SIZES = {"gpt2": 50257, "gpt1": 40478 + 3}
+
+
+def _is_prepared(dataset: str) -> bool:
+    """A prepared folder as the dataset brings its own tokenizer (a named dataset never is one)."""
+    from slmkit.data import NAMED_DATASETS, is_prepared_folder  # data imports this module
+
+    return dataset not in NAMED_DATASETS and is_prepared_folder(dataset)
 
 
 @dataclass
@@ -170,6 +200,8 @@ class TrainConfig:
     batch_size: int = _opt(64, "sequences per micro-batch on each process", bounds=(1, MAX_BATCH))
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", bounds=(1, MAX_BATCH))
     max_iters: int = _opt(5000, "optimizer steps", bounds=(1, MAX_STEPS))
+    epochs: float = _opt(0.0, "passes over the training tokens; when > 0 it sets max_iters = ceil(epochs x train "
+                              "tokens / tokens per step)")
     learning_rate: float = _opt(1e-3, "peak learning rate")
     min_lr: float = _opt(-1.0, "floor of the cosine decay; negative = learning_rate / 10")
     warmup_iters: int = _opt(100, "linear warmup steps", bounds=(0, MAX_STEPS))
@@ -180,6 +212,7 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the gradient norm to this value; 0 = off")
     eval_interval: int = _opt(250, "evaluate on the fixed validation subset every N steps", bounds=(1, MAX_STEPS))
     eval_iters: int = _opt(20, "batches in the fixed validation subset", bounds=(1, MAX_EVAL_WINDOWS))
+    final_eval: bool = _opt(True, "after the last step, evaluate the whole validation split (deterministic)")
     log_interval: int = _opt(10, "log training loss every N steps", bounds=(1, MAX_STEPS))
     seed: int = _opt(1337, "random seed (model init, data sampling, dropout); 0 <= seed < 2**63",
                      bounds=(0, SEED_LIMIT - 1))
@@ -211,6 +244,8 @@ class TrainConfig:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError("beta1 and beta2 must be in [0, 1)")
+        if not 0 <= self.epochs <= MAX_EPOCHS:
+            raise UserError(f"epochs must be from 0 (off: max_iters decides) to {MAX_EPOCHS:g}, got {self.epochs}")
 
 
 @dataclass
@@ -282,14 +317,23 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_interval": 250, "eval_iters": 20, "beta2": 0.99,
         },
     },
-    # GPT-1 (Radford et al. 2018): 12/12/768, FFN 3072, 512 positions, post-LN, 40,478 BPE + 3 specials.
+    # GPT-1 as the paper trained it (Radford et al. 2018, section 4.1): 12 post-LN blocks, 768 wide, 12
+    # heads, FFN 3072, 512 positions, GELU; residual, embedding and attention dropout 0.1; plain N(0, 0.02)
+    # init; GPT-1's BPE vocabulary (40,478 + 3 fine-tuning tokens; needs --vocab-dir). Adam (beta2 0.999,
+    # as in OpenAI's released code) on minibatches of 64 x 512 tokens for 100 epochs, lr 2.5e-4 reached
+    # linearly over 2,000 steps then cosine-annealed to 0, decoupled weight decay 0.01 on the weights
+    # that are neither biases nor gains. README lists what still differs from the paper.
     "gpt1": {
         "model": {
             "n_layer": 12, "n_head": 12, "n_embd": 768, "n_inner": 3072, "block_size": 512,
-            "dropout": 0.1, "ln": "post", "vocab_size": 40478 + 3,
+            "dropout": 0.1, "attn_dropout": -1.0, "ln": "post", "gelu": "tanh", "bias": True,
+            "scaled_residual_init": False, "vocab_size": PUBLISHED_VOCAB_SIZES["gpt1"],
         },
-        "data": {"tokenizer": "bpe", "vocab_size": 40478 + 3},
-        "train": {"batch_size": 64, "learning_rate": 2.5e-4, "warmup_iters": 2000, "weight_decay": 0.01},
+        "data": {"tokenizer": "gpt1"},
+        "train": {
+            "batch_size": 64, "grad_accum": 1, "epochs": 100, "learning_rate": 2.5e-4, "min_lr": 0.0,
+            "warmup_iters": 2000, "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.999,
+        },
     },
     # GPT-2 small: pre-LN, 1024 positions, the 50,257-token GPT-2 vocabulary.
     "gpt2-124m": {
@@ -372,6 +416,11 @@ def set_field(section_obj: Any, name: str, value: Any, where: str) -> None:
     setattr(section_obj, name, _coerce(value, known[name].type, f"{where}: {name}"))
 
 
+# Settings renamed since configs were first saved: (section, old name) -> new name. Saved runs,
+# checkpoints and [data] tables written before the rename still load.
+RENAMED = {("data", "vocab_size"): "bpe_vocab_size"}
+
+
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str) -> None:
     """Apply `{section: {name: value}}` overrides; unknown sections or names are clear errors."""
     for section, values in overrides.items():
@@ -382,6 +431,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str) -> N
         if not isinstance(values, dict):
             raise UserError(f"{source}: [{section}] must be a table of settings, got {show(values)}")
         for name, value in values.items():
+            name = RENAMED.get((section, name), name) if isinstance(name, str) else name
             set_field(getattr(cfg, section), name, value, f"{source} [{section}]")
 
 
@@ -431,9 +481,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    preset: str | None, config_file: str | None, flags: dict[str, dict[str, Any]]
+    preset: str | None, config_file: str | None, flags: dict[str, dict[str, Any]], need_vocab_dir: bool = True
 ) -> RunConfig:
-    """preset < config file < flags."""
+    """preset < config file < flags. `need_vocab_dir=False` describes a configuration (slm info) that
+    names a published vocabulary without its files."""
     file_values = load_config_file(config_file) if config_file else {}
     preset = preset or file_values.pop("preset", None)  # type: ignore[assignment]
     file_values.pop("preset", None)
@@ -441,4 +492,6 @@ def resolve_config(
     apply_overrides(cfg, file_values, source=str(config_file))
     apply_overrides(cfg, flags, source="command line")
     cfg.validate()
+    if need_vocab_dir:
+        cfg.data.check_vocab_dir()
     return cfg

@@ -144,6 +144,11 @@ def is_prepared_folder(path: str | Path) -> bool:
     return (p / "meta.json").is_file() and any((p / n).exists() for n in ("train.bin", "val.bin", "tokenizer.json"))
 
 
+def names_prepared_folder(data: DataConfig) -> bool:
+    """The dataset is a prepared folder (a named dataset never is, whatever folder has its name)."""
+    return data.dataset not in NAMED_DATASETS and is_prepared_folder(data.dataset)
+
+
 def read_documents(data: DataConfig) -> Corpus:
     """The documents of a named dataset, a .txt file (one document) or a folder (one per .txt file)."""
     name = data.dataset
@@ -285,14 +290,16 @@ def _encode_chunked(tok: Tokenizer, pieces: list[Piece], dtype: np.dtype, desc: 
     parts: list[list[np.ndarray]] = [[] for _ in pieces]
     bar = tqdm(total=_chars(pieces), unit="char", unit_scale=True, desc=desc, disable=not progress, leave=False)
     group: list[tuple[int, str]] = []
+    size = 0
     for k, item in enumerate(chunks):
         group.append(item)
+        size += len(item[1])
         # Several chunks (or many small documents) per call, so each call spreads over all cores.
-        if k == len(chunks) - 1 or sum(len(c) for _, c in group) >= 8 * CHUNK_CHARS:
+        if k == len(chunks) - 1 or size >= 8 * CHUNK_CHARS:
             for (owner, _), ids in zip(group, tok.encode_batch([c for _, c in group]), strict=True):
                 parts[owner].append(np.asarray(ids, dtype=dtype))
-            bar.update(sum(len(c) for _, c in group))
-            group = []
+            bar.update(size)
+            group, size = [], 0
     bar.close()
     return parts
 
@@ -342,7 +349,7 @@ def build_tokenizer(data: DataConfig, corpus: Corpus, progress: bool,
         if train_pieces is None:  # BPE reserves <|endoftext|>: its layout is always one document per piece
             train_pieces = split_pieces(corpus_pieces(corpus, True), data.val_fraction)[0]
         chunks = (c for p in train_pieces for c in chunk_text(p.text, 1 << 16))
-        return HFByteLevelTokenizer.train(chunks, data.vocab_size, show_progress=progress)
+        return HFByteLevelTokenizer.train(chunks, data.bpe_vocab_size, show_progress=progress)
     if has_named_tokenizer(data.tokenizer):  # kinds registered by other modules (gpt1)
         return named_tokenizer(data.tokenizer, data.vocab_dir)
     raise UserError(f"unknown tokenizer {data.tokenizer!r}; use char, bpe or gpt2")
@@ -400,61 +407,63 @@ def _check_split(split: str) -> None:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
 
-def cache_key(data: DataConfig, corpus_sha: str, doc_lengths: list[int] | None = None) -> str:
-    """The cache entry of a corpus (its text and where its documents end) under `data`'s tokenizer."""
+def cache_key(data: DataConfig, corpus_sha: str, doc_lengths: list[int] | None = None,
+              fingerprint: str | None = None) -> str:
+    """The cache entry of a corpus (its text and where its documents end) under `data`'s tokenizer
+    settings, or under the given tokenizer (`fingerprint`) when one is imposed."""
     settings: dict[str, Any] = {"sha": corpus_sha, "tok": data.tokenizer, "val": data.val_fraction,
                                 "layout": LAYOUT}
     if doc_lengths is not None:
         settings["docs"] = sha256_bytes(json.dumps(doc_lengths).encode())
+    if fingerprint is not None:
+        settings["fingerprint"] = fingerprint
     if data.tokenizer == "bpe":
-        settings["vocab"] = data.vocab_size
+        settings["vocab"] = data.bpe_vocab_size
     if data.tokenizer not in ("char", "bpe"):
         settings["vocab_dir"] = str(Path(data.vocab_dir).expanduser().resolve())
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _corpus_key(data: DataConfig, corpus: Corpus) -> tuple[str, str]:
+def _corpus_key(data: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None = None) -> tuple[str, str]:
     """(text checksum, cache key) of a corpus."""
     corpus_sha = sha256_bytes(corpus.text.encode("utf-8"))
-    return corpus_sha, cache_key(data, corpus_sha, [len(d) for d in corpus.documents])
+    fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
+    return corpus_sha, cache_key(data, corpus_sha, [len(d) for d in corpus.documents], fingerprint)
 
 
 class _PreparedMeanwhile(Exception):
     """Another process finished the same dataset while this one was encoding: use theirs."""
 
 
-def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool | None = None) -> PreparedData:
+def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool | None = None,
+            tokenizer: Tokenizer | None = None) -> PreparedData:
     """Prepare (or reuse from the cache) the token files for `data`.
 
     `out_dir` must be new, empty, or a prepared folder slmkit wrote (replaced when the corpus or
     tokenizer changed; files the user added stay). Anything else is refused before any work.
     A dataset that is itself a prepared folder is used as it is, with its own tokenizer.
+    `tokenizer` imposes an existing tokenizer (a checkpoint's) instead of building the one `data` names.
     """
     data.validate()
     progress = sys.stderr.isatty() if progress is None else progress
-    if is_prepared_folder(data.dataset):
+    if names_prepared_folder(data):
         return use_prepared(data, out_dir)
     corpus = read_documents(data)
     if not corpus.text.strip():
         raise UserError(f"corpus {corpus.source} is empty")
-    corpus_sha, key = _corpus_key(data, corpus)
+    corpus_sha, key = _corpus_key(data, corpus, tokenizer)
     target = Path(out_dir).expanduser() if out_dir else cache_root(data) / "prepared" / key
     flag = "--out" if out_dir else "cache folder"
     existing = _reusable(target, key)
     if existing is not None:
         return existing
     _check_target(target, flag)
-    # char and bpe are trained below, after the size check; a named vocabulary says itself whether it has EOT.
-    tok = None if data.tokenizer in ("char", "bpe") else build_tokenizer(data, corpus, progress)
-    eot = data.tokenizer == "bpe" if tok is None else "eot" in tok.special
-    train_pieces, val_pieces = split_pieces(corpus_pieces(corpus, eot), data.val_fraction)
-    n_train, n_val = _chars(train_pieces), _chars(val_pieces)
-    check_corpus_size(n_train + n_val, n_train, n_val, data.val_fraction, corpus.source)
-    tok = tok or build_tokenizer(data, corpus, progress, train_pieces)
+    tok, (train_pieces, val_pieces) = _tokenizer_and_splits(data, corpus, progress, tokenizer)
     with ThreadPoolExecutor(max_workers=1) as pool:  # train and val are independent; val is small
         val_future = pool.submit(encode_pieces, tok, val_pieces, "encode val", False, corpus)
         train_ids = encode_pieces(tok, train_pieces, "encode train", progress, corpus)
         val_ids = val_future.result()
+    n_train, n_val = _chars(train_pieces), _chars(val_pieces)
     check_token_counts(int(train_ids.size), int(val_ids.size), n_train + n_val, corpus.source)
     meta = {
         "key": key,
@@ -467,7 +476,8 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
         "val_fraction": data.val_fraction,
         "layout": LAYOUT,
         "documents": corpus.count,
-        "end_of_text": tok.special["eot"] if eot else None,  # the token after each document, if any
+        # the token after each document; None when the documents are joined by blank lines instead
+        "end_of_text": tok.special.get("eot") if any(p.eot for p in train_pieces + val_pieces) else None,
         "chars": {"train": n_train, "val": n_val},
         "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
     }
@@ -476,6 +486,20 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
     except _PreparedMeanwhile:
         pass
     return open_prepared(target)
+
+
+def _tokenizer_and_splits(data: DataConfig, corpus: Corpus, progress: bool, tokenizer: Tokenizer | None
+                          ) -> tuple[Tokenizer, tuple[list[Piece], list[Piece]]]:
+    """The tokenizer, and the train and val pieces laid out for it; too small a corpus is refused
+    before a tokenizer is trained (char and bpe are; a named vocabulary says itself whether it has EOT)."""
+    tok = tokenizer
+    if tok is None and data.tokenizer not in ("char", "bpe"):
+        tok = build_tokenizer(data, corpus, progress)
+    eot = data.tokenizer == "bpe" if tok is None else "eot" in tok.special  # BPE reserves <|endoftext|>
+    splits = split_pieces(corpus_pieces(corpus, eot), data.val_fraction)
+    n_train, n_val = _chars(splits[0]), _chars(splits[1])
+    check_corpus_size(n_train + n_val, n_train, n_val, data.val_fraction, corpus.source)
+    return tok or build_tokenizer(data, corpus, progress, splits[0]), splits
 
 
 def use_prepared(data: DataConfig, out_dir: str | Path | None = None) -> PreparedData:
@@ -494,7 +518,7 @@ def _adopt_settings(data: DataConfig, prepared: PreparedData) -> None:
     tok, meta = prepared.tokenizer, prepared.meta
     wanted = {"tokenizer": tok.kind}
     if tok.kind == "bpe":
-        wanted["vocab_size"] = tok.vocab_size
+        wanted["bpe_vocab_size"] = tok.vocab_size
     if isinstance(meta.get("val_fraction"), float) and 0.0 < meta["val_fraction"] < 1.0:
         wanted["val_fraction"] = meta["val_fraction"]
     if tok.kind not in ("char", "bpe", "gpt2", "gpt1"):
@@ -503,8 +527,9 @@ def _adopt_settings(data: DataConfig, prepared: PreparedData) -> None:
     if not changed:
         return
     configured = ", ".join(f"{k} {getattr(data, k)}" for k in changed)
-    print(f"note: {prepared.dir} is a prepared dataset ({tok.describe()}): training uses its tokens and "
-          f"tokenizer as they are, not the configured {configured}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, said once
+        print(f"note: {prepared.dir} is a prepared dataset ({tok.describe()}): training uses its tokens and "
+              f"tokenizer as they are, not the configured {configured}", file=sys.stderr)
     for k, v in changed.items():
         setattr(data, k, v)
 
@@ -519,16 +544,16 @@ def dataset_tokens(data: DataConfig, tok: Tokenizer, split: str = "all", progres
     """
     _check_split(split)
     progress = sys.stderr.isatty() if progress is None else progress
-    if is_prepared_folder(data.dataset):
+    if names_prepared_folder(data):
         return open_prepared(Path(data.dataset).expanduser()).encoded(tok, split)
     corpus = read_documents(data)
     if not corpus.text.strip():
         raise UserError(f"corpus {corpus.source} is empty")
-    if split != "all":
-        key = _corpus_key(data, corpus)[1]
-        cached = _reusable(cache_root(data) / "prepared" / key, key)
-        if cached is not None and cached.tokenizer.fingerprint() == tok.fingerprint():
-            return cached.encoded(tok, split)
+    if split != "all":  # the cache holds train and val only; its entries by settings, or by this very tokenizer
+        for key in (_corpus_key(data, corpus)[1], _corpus_key(data, corpus, tok)[1]):
+            cached = _reusable(cache_root(data) / "prepared" / key, key)
+            if cached is not None and cached.tokenizer.fingerprint() == tok.fingerprint():
+                return cached.encoded(tok, split)
     pieces = corpus_pieces(corpus, "eot" in tok.special)
     if split != "all":
         pieces = split_pieces(pieces, data.val_fraction)[split == "val"]

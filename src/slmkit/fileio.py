@@ -439,6 +439,19 @@ class FolderLock:
         self.release()
 
 
+def remove_if_only_marker(folder: str | Path) -> bool:
+    """Remove a folder slmkit created that holds nothing but its marker (a start that failed)."""
+    p = Path(folder)
+    if not p.is_dir() or read_marker(p) is None or user_entries(p) or (read_marker(p) or {}).get("files"):
+        return False
+    if any(n.name not in (MARKER, LOCK) for n in p.iterdir()):
+        return False
+    (p / MARKER).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        p.rmdir()
+    return not p.exists()
+
+
 def open_run_folder(
     folder: str | Path,
     kind: str,

@@ -225,11 +225,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-1
         self.apply(self._init_weights)
-        # GPT-2's scaled init of the projections into the residual stream keeps its variance flat
-        # with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.scaled_residual_init:
+            # GPT-2's scaled init of the projections into the residual stream keeps its variance flat
+            # with depth; GPT-1 initialised every weight from N(0, 0.02) (scaled_residual_init off).
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from slmkit.budget import check_fits, training_memory
 from slmkit.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
-from slmkit.config import RunConfig, TrainConfig
+from slmkit.config import MAX_STEPS, RunConfig, TrainConfig
 from slmkit.data import (
     PreparedData,
     fixed_offsets,
@@ -41,6 +41,7 @@ from slmkit.fileio import (
     open_run_folder,
     read_utf8,
     record_files,
+    remove_if_only_marker,
 )
 from slmkit.model import GPT
 from slmkit.runtime import (
@@ -168,10 +169,10 @@ class Trainer:
             )
         self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
         data.check_block_size(cfg.model.block_size)
+        self.epochs_note = self._steps_from_epochs() if resume_from is None else None
 
         estimate = training_memory(cfg.model, cfg.model.vocab_size, t.batch_size, self.dtype != torch.float32)
-        check_fits(estimate, f"training this {cfg.model.n_layer}-layer, {cfg.model.n_embd}-wide model",
-                   self.device.type, force)
+        check_fits(estimate, _model_words(cfg), self.device.type, force)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = GPT(cfg.model).to(self.device)
         self.params = self.model.num_params()
@@ -200,6 +201,21 @@ class Trainer:
         n_eval = t.eval_iters * t.batch_size * self.ddp.world_size
         self._val_offsets = fixed_offsets(len(self.val_tokens), cfg.model.block_size, n_eval)
         self._train_eval_offsets = fixed_offsets(len(self.train_tokens), cfg.model.block_size, n_eval)
+
+    def _steps_from_epochs(self) -> str | None:
+        """--epochs as max_iters, now that the train split's size is known; a resumed run keeps the
+        max_iters saved in its checkpoint, so it ends where it was going to. Returns the line to log."""
+        t = self.cfg.train
+        if t.epochs <= 0:
+            return None
+        per_step = t.batch_size * t.grad_accum * self.ddp.world_size * self.cfg.model.block_size
+        steps = max(1, math.ceil(t.epochs * len(self.train_tokens) / per_step))
+        if steps > MAX_STEPS:
+            raise UserError(f"epochs {t.epochs:g} of {len(self.train_tokens):,} train tokens is {steps:,} steps; "
+                            f"at most {MAX_STEPS:,}")
+        t.max_iters = steps
+        return (f"epochs {t.epochs:g} = {steps:,} steps of {per_step:,} tokens over {len(self.train_tokens):,} "
+                "train tokens (max_iters)")
 
     # -- state -------------------------------------------------------------------------------
 
@@ -303,6 +319,8 @@ class Trainer:
         self.model.train()
         show = progress and self.ddp.is_main
         if show:
+            if self.epochs_note:
+                print(self.epochs_note, file=sys.stderr)
             print(self.banner(), file=sys.stderr, flush=True)
         bar = Progress(t.max_iters, self.step, show)
         start = time.perf_counter()
@@ -560,23 +578,34 @@ def train(
     progress: bool = True,
     stop_after_step: int | None = None,
     prepared_dir: str | None = None,
-    final_eval: bool = True,
+    final_eval: bool | None = None,
     on_eval: Callable[[int, float], bool | None] | None = None,
     force: bool = False,
     note: str | None = None,
 ) -> TrainResult:
     """Pre-train (or continue) a model; the library entry point behind `slm train`.
 
+    `final_eval` (None: cfg.train.final_eval) scores the whole validation split after the last step;
     `force` trains even when the memory estimate exceeds the free memory; `note` is printed with
     the start banner (once everything is checked, so an error stays the only line)."""
     from slmkit.evaluation import score_tokens
 
     run_dir = Path(run_dir)
     cfg.validate()
+    # A first estimate without the embedding (the vocabulary is not known yet): an absurd size is
+    # refused before any data is prepared or any folder created.
+    check_fits(training_memory(cfg.model, 0, cfg.train.batch_size, True), _model_words(cfg), force=force)
+    created = not run_dir.exists()
     lock = claim_run_dir(run_dir, resume, overwrite) if int(os.environ.get("RANK", "0")) == 0 else None
     trainer = None
     try:
-        data = open_prepared(prepared_dir) if prepared_dir else prepare(cfg.data)
+        # A resumed run encodes its text with the tokenizer it was trained with, whatever the cache
+        # holds (a BPE retrained on the same text may come out different).
+        saved = load_checkpoint(run_dir / LAST) if resume else None
+        if saved is not None:
+            check_same_data(saved.config, cfg)
+        saved_tokenizer = saved.tokenizer if saved is not None else None
+        data = open_prepared(prepared_dir) if prepared_dir else prepare(cfg.data, tokenizer=saved_tokenizer)
         trainer = Trainer(cfg, run_dir, data, run_dir / LAST if resume else None, force=force)
         if trainer.ddp.is_main:
             write_run_files(run_dir, cfg, data, {"device": str(trainer.device), "dtype": str(trainer.dtype)})
@@ -587,7 +616,7 @@ def train(
             print(note, file=sys.stderr)
         result = trainer.fit(stop_after_step=stop_after_step, progress=progress, on_eval=on_eval)
         if trainer.ddp.is_main and trainer.step >= cfg.train.max_iters:
-            if final_eval:
+            if cfg.train.final_eval if final_eval is None else final_eval:
                 val = trainer.val_tokens
                 if progress:
                     print(f"final evaluation on the whole validation split ({len(val):,} tokens; skip it with "
@@ -601,11 +630,29 @@ def train(
                 write_samples(trainer.model, trainer.tokenizer, run_dir / SAMPLES, cfg.train.sample_tokens,
                               trainer.device, trainer.dtype, cfg.train.seed)
         return result
+    except BaseException:
+        if created and lock is not None and trainer is None:
+            lock.release()
+            lock = None
+            remove_if_only_marker(run_dir)  # a failed start leaves no empty run folder behind
+        raise
     finally:
         if trainer is not None:
             shutdown_distributed(trainer.ddp)
         if lock is not None:
             lock.release()
+
+
+def check_same_data(saved: RunConfig, cfg: RunConfig) -> None:
+    """A resumed run continues on the data it was trained on (where a local copy lives may move)."""
+    movable = {"data_path", "cache_dir"}
+    changed = sorted(k for k, v in saved.data.__dict__.items() if k not in movable and getattr(cfg.data, k) != v)
+    if changed:
+        raise UserError(f"--resume continues the saved data settings; cannot change: {', '.join(changed)}")
+
+
+def _model_words(cfg: RunConfig) -> str:
+    return f"training this {cfg.model.n_layer}-layer, {cfg.model.n_embd}-wide model"
 
 
 def write_samples(model, tokenizer, path: Path, max_new_tokens: int, device, dtype, seed: int, n: int = 3) -> None:

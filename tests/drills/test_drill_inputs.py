@@ -8,11 +8,10 @@ Every refusal must be exactly one `error: ...` line on stderr and a non-zero exi
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import cli_fails, tiny_config
 
 from slmkit.cli import main
 from slmkit.errors import UserError
@@ -21,17 +20,8 @@ TINY = ["--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "8",
         "--device", "cpu", "--dtype", "float32", "--quiet"]
 
 
-def fails(argv: list, capsys, match: str | None = None) -> str:
-    """Run `slm argv`; assert it exits non-zero with one `error:` line; return that line."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    assert exc.value.code not in (0, None)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    if match is not None:
-        assert re.search(match, lines[0]), lines[0]
-    return lines[0]
+fails = cli_fails
+
 
 
 def succeeds(argv: list, capsys) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 import pytest
 
 optuna = pytest.importorskip("optuna")
+
+from conftest import cli_fails  # noqa: E402
 
 from slmkit.cli import main  # noqa: E402
 from slmkit.errors import UserError  # noqa: E402
@@ -28,16 +29,8 @@ TINY = ["--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--block-size", "8",
         "--device", "cpu", "--dtype", "float32"]
 
 
-def fails(argv: list, capsys, match: str | None = None) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    assert exc.value.code not in (0, None)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    if match is not None:
-        assert re.search(match, lines[0]), lines[0]
-    return lines[0]
+fails = cli_fails
+
 
 
 def sweep_args(corpus: Path, out: Path, *extra) -> list:

@@ -390,7 +390,7 @@ def _write_vocab(cfg: RunConfig, tok: Tokenizer, stage: Path, target: Path) -> N
         cfg.data.tokenizer, cfg.data.vocab_dir = "gpt1", str(target)
     else:
         cfg.data.tokenizer = tok.kind
-    cfg.data.vocab_size = tok.vocab_size
+    cfg.data.bpe_vocab_size = tok.vocab_size
 
 
 # ----------------------------------------------------------------------------- export

@@ -162,7 +162,7 @@ def import_openai_gpt1(src: str | Path, out: str | Path, overwrite: bool = False
                         f"{n_tokens} token rows")
     tensors = read_release(src, cfg.model)
     # The vocabulary files go into the run folder itself, which the run's data settings then name.
-    cfg.data.tokenizer, cfg.data.vocab_dir, cfg.data.vocab_size = "gpt1", str(target), cfg.model.vocab_size
+    cfg.data.tokenizer, cfg.data.vocab_dir, cfg.data.bpe_vocab_size = "gpt1", str(target), cfg.model.vocab_size
     with staged_output(target, "import", overwrite, last=BEST) as stage:
         for name in ("encoder_bpe_40000.json", "vocab_40000.bpe"):
             atomic_write(stage / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.errors import UserError
-from slmkit.sweep.report import collect_rows, write_report
+from slmkit.sweep.report import REPORT_MD, collect_rows, markdown_table, write_report
 from slmkit.sweep.runner import (
     MAX_SEEDS,
     MAX_TRIALS,
@@ -30,13 +30,18 @@ from slmkit.sweep.runner import (
     create_sweep,
     default_storage,
     load_spec,
+    load_study,
     random_cells,
     redact_text,
     redact_url,
     run_worker,
     storage_errors,
+    work_left,
 )
 from slmkit.sweep.space import expand_grid, format_cell, parse_space, valid_grid
+
+# What --trial-seconds decides for each trial (runner.Plan), so a sweep cannot also vary it.
+BUDGET_SETS = ("max_iters", "epochs", "eval_interval")
 
 __all__ = ["create", "run", "write_report", "collect_rows", "expand_grid", "register"]
 
@@ -92,8 +97,10 @@ def create(
     check_count("sampler_seed", sampler_seed, 0, SAMPLER_SEED_LIMIT - 1, "--sampler-seed")
     check_trial_seconds(trial_seconds, "--trial-seconds")
     space = parse_space(grid or params, base, "--grid" if grid else "--param", ranges=not grid)
-    if trial_seconds is not None and any(p.name == "max_iters" for p in space):
-        raise UserError("--trial-seconds sets max_iters per trial from the time budget; do not also sweep max_iters")
+    budgeted = sorted(p.name for p in space if p.name in BUDGET_SETS)
+    if trial_seconds is not None and budgeted:
+        raise UserError(f"--trial-seconds sets max_iters and eval_interval per trial from the time budget; do not "
+                        f"also sweep {', '.join(budgeted)}")
     base.validate()
     skipped: list[tuple[dict, str]] = []
     spec = SweepSpec(
@@ -173,7 +180,9 @@ def _sweep_command(args: argparse.Namespace) -> None:
         if given:
             raise UserError(f"--resume continues the saved sweep; drop {', '.join(sorted(given))}")
         sweep_dir = Path(args.resume)
-        load_spec(sweep_dir)
+        if not _work_left(sweep_dir):
+            _print_finished(sweep_dir, args.no_report)
+            return
     else:
         if args.random is not None and args.search not in (None, "random"):
             raise UserError("--random N is --search random --trials N; give one of them")
@@ -184,19 +193,40 @@ def _sweep_command(args: argparse.Namespace) -> None:
         spec = create(sweep_dir, base, grid=args.grid, params=args.param, search=search, trials=trials,
                       trial_seconds=args.trial_seconds, seeds=args.seeds, prune=args.prune, storage=args.storage,
                       study_name=args.study_name, skip_invalid=args.skip_invalid, sampler_seed=args.sampler_seed)
-        budget = f"{spec.trial_seconds:g} s" if spec.trial_seconds else f"{base.train.max_iters} steps"
+        budget = (f"{spec.trial_seconds:g} s" if spec.trial_seconds else f"{base.train.epochs:g} epochs"
+                  if base.train.epochs > 0 else f"{base.train.max_iters} steps")
         print(f"sweep {sweep_dir}: {spec.mode}, {spec.n_trials} trials x {spec.seeds} seed(s), {budget} each, "
               f"pruning {'on' if spec.prune else 'off'}; study {spec.study_name!r} in {redact_url(spec.storage)}")
     ran = run(sweep_dir, show=True, report=not args.no_report)
     _, rows = collect_rows(sweep_dir)
+    print(f"this worker ran {ran} trial(s)" + _outcome(sweep_dir, rows, not args.no_report))
+
+
+def _outcome(sweep_dir: Path, rows: list[dict[str, Any]], report: bool) -> str:
     done = [r for r in rows if r["state"] == "complete" and "best_val_loss" in r]
-    msg = f"this worker ran {ran} trial(s)"
+    msg = ""
     if done:
         b = done[0]
         msg += f"; best: trial {b['trial']} val {b['best_val_loss']:.4f} ({b['run_dir']})"
-    if not args.no_report:
+    if report:
         msg += f"; report: {sweep_dir / 'report.md'}"
-    print(msg)
+    return msg
+
+
+def _work_left(sweep_dir: Path) -> bool:
+    spec = load_spec(sweep_dir)
+    with storage_errors(spec.storage):
+        return work_left(load_study(spec), spec)
+
+
+def _print_finished(sweep_dir: Path, no_report: bool) -> None:
+    """A resumed sweep with nothing left: its results, as report.md tabulates them."""
+    spec, rows = collect_rows(sweep_dir)
+    print(f"sweep {sweep_dir}: all {len(rows)} trial(s) are finished; nothing was left to run")
+    print(markdown_table(spec, rows), end="")
+    outcome = _outcome(sweep_dir, rows, not no_report and (sweep_dir / REPORT_MD).is_file())
+    if outcome:
+        print(outcome.removeprefix("; "))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -209,12 +239,22 @@ def cmd_report(args: argparse.Namespace) -> None:
           f"{path.parent / 'plots'}/")
 
 
+# The generated usage would list every config flag and end in "report ...", which reads as a
+# positional every sweep needs; these are the three ways the command is used.
+USAGE = """%(prog)s (--grid NAME=V1,V2 ... | --param SPEC ... (--random N | --search tpe --trials N))
+                 [--base PRESET_OR_FILE] [--trial-seconds S] [--seeds K] [--out DIR] [options] [settings]
+       %(prog)s --resume DIR
+       %(prog)s report DIR [--print] [--sample-tokens N]"""
+
+
 def register(sub) -> None:
     from slmkit.cli import add_config_flags
 
     p = sub.add_parser(
         "sweep", help="hyperparameter sweep (grid, random, TPE on Optuna); `slm sweep report DIR` for the report",
-        description="Run a sweep: one ordinary run directory per trial, a study in SQLite (or --storage).",
+        description="Run a sweep: one ordinary run directory per trial, a study in SQLite (or --storage). Settings "
+                    "(model, data and train flags) change the base configuration of every trial.",
+        usage=USAGE,
     )
     p.add_argument("--base", help="preset name or TOML/YAML config that every trial starts from")
     p.add_argument("--grid", action="append", metavar="NAME=V1,V2",
@@ -226,7 +266,8 @@ def register(sub) -> None:
     p.add_argument("--search", choices=("tpe", "random"), help="sampler for a --param space (with --trials)")
     p.add_argument("--trials", type=int, metavar="N", help="number of trials for --search")
     p.add_argument("--trial-seconds", type=float, metavar="S",
-                   help="equal compute: each trial trains S seconds (max_iters sized so the schedule fits)")
+                   help="equal compute: each trial trains S seconds (max_iters sized so the schedule fits, with "
+                        "warmup at most a tenth of it and ~8 evaluations)")
     p.add_argument("--seeds", type=int, default=1, metavar="K", help="train each trial with K seeds; mean ± std")
     p.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
                    help="median pruning of clearly bad trials (default: on for --search/--random, off for grids)")
@@ -239,11 +280,13 @@ def register(sub) -> None:
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the random / TPE sampler")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep, or join it as another worker")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    add_config_flags(p)
     p.set_defaults(func=cmd_sweep)
-    rsub = p.add_subparsers(dest="sweep_command", metavar="report")
-    r = rsub.add_parser("report", help="write report.md, results.csv, plots/ and a sample for a sweep directory")
+    rsub = p.add_subparsers(dest="sweep_command", title="command", metavar="report", prog=p.prog,
+                            help="slm sweep report DIR: write report.md, results.csv, plots/ and a sample")
+    r = rsub.add_parser("report", description="Write report.md, results.csv, plots/ and a sample for a sweep "
+                                              "directory.")
     r.add_argument("dir", help="sweep directory")
     r.add_argument("--sample-tokens", type=int, default=300, help="length of the best trial's sample; 0 = none")
     r.add_argument("--print", action="store_true", help="also print report.md")
     r.set_defaults(func=cmd_report)
+    add_config_flags(p)  # after the command, which --help then lists before the many settings

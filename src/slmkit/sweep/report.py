@@ -300,7 +300,8 @@ def write_report(sweep_dir: str | Path, sample_tokens: int = 300) -> Path:
             sample = f"(no sample: {exc})"
     base = spec.base_config()
     counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "failed", "running")}
-    budget = (f"{spec.trial_seconds:g} s of training per trial (max_iters sized to fit)" if spec.trial_seconds
+    budget = (f"{spec.trial_seconds:g} s of training per trial (max_iters, warmup and evaluations sized to fit)"
+              if spec.trial_seconds else f"{base.train.epochs:g} epochs per trial" if base.train.epochs > 0
               else f"{base.train.max_iters} steps per trial")
     lines = [
         f"# Sweep {sweep_dir.name}",

@@ -13,8 +13,10 @@ How trials are handed out, so that parallel workers never run a trial twice:
 
 Equal compute (`--trial-seconds S`): before a trial, a few real optimizer steps and one evaluation
 are timed, and max_iters is set to the steps that fit in S seconds, so that every trial runs its
-whole warmup + cosine schedule within the same wall time. If the machine gets busier, a guard
-stops a trial at the first evaluation after S seconds unless its schedule ends within 1.25 x S.
+whole warmup + cosine schedule within the same wall time. The schedule is scaled to those steps:
+warmup takes at most a tenth of them, and the trial evaluates about 8 times (its curve is a curve,
+whatever the preset's eval_interval was sized for). If the machine gets busier, a guard stops a
+trial at the first evaluation after S seconds unless its schedule ends within 1.25 x S.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from slmkit.config import RunConfig, show
+from slmkit.config import MAX_STEPS, RunConfig, show
 from slmkit.errors import UserError
 from slmkit.sweep.space import Param, apply_params, check_cell
 
@@ -379,6 +381,18 @@ def _pop_queued(study):
     return None
 
 
+def work_left(study, spec: SweepSpec) -> bool:
+    """Whether any trial is queued, running (here or in another worker) or still to be asked for (tpe)."""
+    from optuna.trial import TrialState
+
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return True
+    counted = counted_trials(study)
+    if any(t.state == TrialState.RUNNING for t in counted):
+        return True
+    return spec.mode == "tpe" and len(counted) < spec.n_trials
+
+
 def next_trial(study, spec: SweepSpec, sweep_dir: Path):
     """The next trial for this worker, or None when nothing is left to start."""
     import optuna
@@ -418,16 +432,58 @@ class Heartbeat:
 # ----------------------------------------------------------------------------- equal compute
 
 
-def plan_iters(cfg: RunConfig, data, seconds: float) -> tuple[int, float]:
-    """Steps that fit in `seconds` of training wall time (evaluations included), from a few timed
-    real steps and one timed evaluation; returns (max_iters, seconds per step)."""
+# A time-budgeted trial evaluates about this many times, and warms up over at most this share of its steps.
+BUDGET_EVALS = 8
+BUDGET_WARMUP_SHARE = 0.1
+
+
+@dataclass
+class Plan:
+    """A time-budgeted trial's schedule, from its measured speed."""
+
+    max_iters: int
+    eval_interval: int
+    warmup_iters: int
+    seconds_per_step: float  # one training step, evaluations excluded
+    eval_seconds: float  # one evaluation (the validation and the training subsets)
+
+    def apply(self, cfg: RunConfig) -> None:
+        t = cfg.train
+        t.max_iters, t.eval_interval, t.warmup_iters = self.max_iters, self.eval_interval, self.warmup_iters
+        t.epochs = 0.0  # the budget decides the length
+        if t.lr_decay_iters > self.max_iters:
+            t.lr_decay_iters = 0  # the cosine ends with the trial, as the budget promises
+
+
+def fit_schedule(warmup_iters: int, seconds: float, step_s: float, eval_s: float) -> Plan:
+    """The most steps that fit in `seconds` with ~BUDGET_EVALS evaluations among them (fewer when one
+    evaluation takes much of the budget), evaluations every max_iters // evals steps and at the end."""
+    iters, evals = 1, 1
+    for n in range(BUDGET_EVALS, 0, -1):
+        # n evaluations every `interval` steps, and at most one more at the last step
+        fit = min(MAX_STEPS, int((seconds - (n + 1) * eval_s) / max(step_s, 1e-9)))
+        if fit >= n:
+            iters, evals = fit, n
+            break
+    warmup = min(warmup_iters, int(BUDGET_WARMUP_SHARE * iters))
+    return Plan(iters, max(1, iters // evals), warmup, step_s, eval_s)
+
+
+def plan_iters(cfg: RunConfig, data, seconds: float) -> Plan:
+    """The schedule that fits in `seconds` of training wall time (evaluations included), from a few
+    timed real steps and one timed evaluation."""
+    step_s, eval_s = time_step_and_eval(cfg, data, seconds)
+    return fit_schedule(cfg.train.warmup_iters, seconds, step_s, eval_s)
+
+
+def time_step_and_eval(cfg: RunConfig, data, seconds: float) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluation) of `cfg` on this machine, measured."""
     import tempfile
 
     from slmkit.train import Trainer
 
-    t = cfg.train
     probe = copy.deepcopy(cfg)
-    probe.train.max_iters = 10**9
+    probe.train.max_iters, probe.train.epochs = 10**9, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(probe, Path(tmp), data)
         trainer.train_step(0)  # first step: allocation and kernel warm-up, not timed
@@ -443,8 +499,7 @@ def plan_iters(cfg: RunConfig, data, seconds: float) -> tuple[int, float]:
         trainer.fixed_loss(trainer.val_tokens, trainer._val_offsets)
         trainer.fixed_loss(trainer.train_tokens, trainer._train_eval_offsets)
         eval_s = time.perf_counter() - start
-    per_step = step_s + eval_s / t.eval_interval
-    return max(1, int((seconds - eval_s) / per_step)), per_step
+    return step_s, eval_s
 
 
 class BudgetGuard:
@@ -530,10 +585,12 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
                 raise UserError(f"invalid configuration: {why}")
             cfg = apply_params(base, spec.params, values)
             if spec.trial_seconds:
-                iters, per_step = plan_iters(cfg, open_prepared(prepared_dir), spec.trial_seconds)
-                cfg.train.max_iters = iters
-                trial.set_user_attr("planned_max_iters", iters)
-                trial.set_user_attr("planned_seconds_per_step", round(per_step, 5))
+                plan = plan_iters(cfg, open_prepared(prepared_dir), spec.trial_seconds)
+                plan.apply(cfg)
+                trial.set_user_attr("planned_max_iters", plan.max_iters)
+                trial.set_user_attr("planned_eval_interval", plan.eval_interval)
+                trial.set_user_attr("planned_warmup_iters", plan.warmup_iters)
+                trial.set_user_attr("planned_seconds_per_step", round(plan.seconds_per_step, 5))
             losses, runs, results = [], [], []
             for i in range(spec.seeds):
                 run_cfg = copy.deepcopy(cfg)
@@ -551,15 +608,16 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
                 losses.append(result.best_val_loss)
                 results.append(result)
             mean = float(np.mean(losses))
+            walls = [wall_seconds(sweep_dir / r) for r in runs]
             trial.set_user_attr("seed_best_val_losses", losses)
             trial.set_user_attr("best_val_loss_std", float(np.std(losses)) if len(losses) > 1 else 0.0)
             trial.set_user_attr("params", results[0].params)
             trial.set_user_attr("steps", [r.step for r in results])
-            trial.set_user_attr("elapsed", [round(r.elapsed, 2) for r in results])
+            trial.set_user_attr("elapsed", [round(w, 2) for w in walls])
             study.tell(trial, mean)
             summary.update(state="complete", value=mean, std=float(np.std(losses)), params=results[0].params,
                            tokens_per_s=float(np.mean([r.tokens_per_s for r in results])),
-                           elapsed=float(np.mean([r.elapsed for r in results])), steps=results[0].step)
+                           elapsed=float(np.mean(walls)), steps=results[0].step)
     except optuna.TrialPruned as exc:
         study.tell(trial, state=TrialState.PRUNED)
         summary.update(state="pruned", error=str(exc))
@@ -578,6 +636,15 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
         study.tell(trial, state=TrialState.FAIL)
         summary.update(state="fail", error=message)
     return summary
+
+
+def wall_seconds(run_dir: Path) -> float:
+    """A run's wall time as the report states it (read from its metrics.jsonl), so that the live
+    table and report.md show the same number."""
+    from slmkit.sweep.report import run_metrics  # report imports this module
+
+    metrics = run_metrics(run_dir)
+    return metrics["wall_s"] if metrics is not None else 0.0
 
 
 # ----------------------------------------------------------------------------- the live view
@@ -662,6 +729,8 @@ def run_worker(sweep_dir: Path, prepared_dir: str, show: bool = True, worker_see
     def finished_count() -> int:
         return sum(t.state.is_finished() for t in counted_trials(study))
 
+    if not work_left(study, spec):
+        return 0  # a finished sweep: no live table (slm sweep --resume prints the results instead)
     live = LiveTable(spec, total, finished_count(), enabled=show)
     ran = 0
     try:

@@ -16,7 +16,8 @@ from slmkit.errors import UserError
 MAX_GRID_CELLS = 100_000
 
 # Settings a sweep cannot vary: they change the data (and so the tokenizer) or the hardware.
-NOT_SWEEPABLE = {"device", "dtype", "compile", "sample_tokens", "checkpoint_interval", "log_interval", "vocab_size"}
+NOT_SWEEPABLE = {"device", "dtype", "compile", "sample_tokens", "checkpoint_interval", "log_interval", "vocab_size",
+                 "final_eval"}
 # Hyperparameters whose plots use a log axis even when given as a list.
 LOG_SCALE_NAMES = ("learning_rate", "min_lr", "weight_decay")
 
