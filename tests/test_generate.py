@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from slmkit.config import ModelConfig
+from slmkit.cpu_ops import Int8Linear, PackedLinear, can_prepack, can_quantize_int8
 from slmkit.generate import GenerationConfig, filter_logits, generate_ids, generate_stream
-from slmkit.inference import Int8Linear, PackedLinear, can_prepack, can_quantize_int8, decoding_model
+from slmkit.inference import decoding_model
 from slmkit.model import GPT
 from slmkit.tokenizers import CharTokenizer, HFByteLevelTokenizer
 

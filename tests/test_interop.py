@@ -357,7 +357,7 @@ def _gpt1_width32():
 
 
 def test_finetune_runs_on_imported_gpt1(tmp_path, capsys):
-    pytest.importorskip("slmkit.finetune.cli")
+    pytest.importorskip("slmkit.cli.finetune_cmds")
     shared_file("tasks", "sst2", "train.tsv")
     write_release(tmp_path / "rel", n_ctx=512, n_embd=32, n_layer=2)
     import_openai_gpt1(tmp_path / "rel", tmp_path / "run", config=_gpt1_width32())

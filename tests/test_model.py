@@ -1,11 +1,13 @@
-"""The GPT itself: causality, parameter counts, configuration checks, both layer-norm placements."""
+"""The GPT itself: causality, parameter counts, configuration checks, both layer-norm placements;
+its CPU dropout (slmkit.cpu_ops): masks, seeding, hooks."""
 
 import pytest
 import torch
 
 from slmkit.config import ModelConfig, preset_config
+from slmkit.cpu_ops import Dropout, cpu_dropout
 from slmkit.errors import UserError
-from slmkit.model import GPT, Dropout, cpu_dropout
+from slmkit.model import GPT
 
 
 def small(**kw) -> ModelConfig:
@@ -116,3 +118,58 @@ def test_cpu_dropout_mask_in_every_float_width(dtype):
     values = y.unique().float().tolist()
     assert values[0] == 0.0 and values[1:] == [pytest.approx(1 / 0.7, rel=4e-3)]
     assert abs((y != 0).float().mean().item() - 0.7) < 3e-3
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_hooks_on_a_dropout_module_fire_and_can_change_its_output(training):
+    drop = Dropout(0.5).train(training)
+    x = torch.ones(4, 8)
+    seen = []
+    pre = drop.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    post = drop.register_forward_hook(lambda m, args, out: seen.append("post"))
+    drop(x)
+    assert seen == ["pre", "post"]
+    post.remove()
+    drop.register_forward_hook(lambda m, args, out: out * 0)  # a hook's return value replaces the output
+    assert torch.equal(drop(x), torch.zeros(4, 8))
+    pre.remove()
+
+
+def test_global_module_hooks_fire_on_dropout_inside_the_model():
+    model = GPT(small(dropout=0.1)).train()
+    names = {m: n for n, m in model.named_modules()}
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append(names.get(m)) if isinstance(m, Dropout) else None
+    )
+    try:
+        model(torch.randint(0, 50, (2, 5)))
+    finally:
+        handle.remove()
+    assert seen[0] == "transformer.drop"
+    assert seen.count("transformer.h.1.mlp.dropout") == 1 and len(seen) == 1 + 2 * 2  # embeddings + 2 per block
+
+
+def test_dropout_without_hooks_skips_module_call_machinery_and_hooks_do_not_change_the_result(monkeypatch):
+    model = GPT(small(dropout=0.2)).train()
+    x = torch.randint(0, 50, (2, 9))
+    torch.manual_seed(3)
+    plain, _ = model(x)
+    calls = []
+    module_call = torch.nn.Module.__call__
+
+    def counting_call(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return module_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", counting_call)
+    torch.manual_seed(3)
+    assert torch.equal(model(x)[0], plain)
+    assert "Dropout" not in calls and "Linear" in calls  # the fast path: straight to forward
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.register_forward_hook(lambda m, args, out: None)
+    calls.clear()
+    torch.manual_seed(3)
+    assert torch.equal(model(x)[0], plain)  # same masks drawn, same order: hooks change nothing else
+    assert calls.count("Dropout") == 1 + 2 * 2

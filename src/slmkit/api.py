@@ -4,6 +4,8 @@
     for piece in lm.generate_stream("ROMEO:", max_new_tokens=100):
         print(piece, end="", flush=True)
     lm.score("To be, or not to be").perplexity
+
+Generation options are GenerationConfig's fields, with the defaults `slm generate` shows in its --help.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slmkit.checkpoint import Checkpoint, load_model
-from slmkit.config import show
-from slmkit.errors import UserError
+from slmkit.errors import UserError, show
 from slmkit.evaluation import LMScore, score_tokens, token_logprobs
 from slmkit.generate import GenerationConfig, generate_stream, generate_text
 from slmkit.inference import decoding_model
@@ -47,7 +48,8 @@ class LanguageModel:
         return self.model.config
 
     def _gen_config(self, options: dict) -> GenerationConfig:
-        """The options checked now, when generate() is called, not at the first token drawn."""
+        """The options (GenerationConfig's fields, whose defaults `slm generate` shares) checked now,
+        when generate() is called, not at the first token drawn."""
         known = [f.name for f in fields(GenerationConfig)]
         unknown = sorted(str(k) for k in options if k not in known)
         if unknown:

@@ -1,4 +1,4 @@
-"""Run directories and checkpoints: atomic writes, exact resume, loading that never unpickles.
+"""Checkpoints: one safetensors file each, written atomically, read back whole and checked, never unpickled.
 
 A checkpoint is one safetensors file: the model's weights (`model.*`), optionally the AdamW
 moments (`optim.*`) and the RNG states (`rng.*`), and JSON metadata holding the run config, the
@@ -112,7 +112,7 @@ def save_checkpoint(
     tensors.update(extra_tensors or {})
     meta.update(extra_meta or {})
     meta[CHECKSUM] = _crc(tensors, meta)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), private_folder=True)
 
 
 @dataclass

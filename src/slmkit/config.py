@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from slmkit.errors import UserError
+from slmkit.errors import UserError, show
+from slmkit.options import option
 
 # How a trained model's weights are held for generation and scoring (slmkit.inference).
 WEIGHT_FORMATS = ("auto", "int8")
@@ -41,21 +42,9 @@ MAX_EPOCHS = 1e6
 SEED_LIMIT = 2**63
 
 
-def _opt(default: Any, help: str, *, bounds: tuple[int, int] | None = None, **extra: Any) -> Any:
-    """A config field; `bounds` (inclusive) for integers are checked by `validate()`."""
-    meta = {"help": help, **extra}
-    if bounds is not None:
-        meta["bounds"] = bounds
-    return field(default=default, metadata=meta)
-
-
-def show(value: Any, limit: int = 60) -> str:
-    """A value for an error message: repr, one line, shortened (and safe for 10**5000)."""
-    try:
-        text = repr(value)
-    except ValueError:  # int too large to print (Python's digit limit)
-        return "a very large integer"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+# A config field with its --help text; `bounds` (inclusive) for integers are checked by `validate()`.
+# Shared with the other settings dataclasses (generation, fine-tuning, sweeps), which the CLI reads alike.
+_opt = option
 
 
 def _describe_bounds(lo: int, hi: int) -> str:
@@ -102,15 +91,15 @@ class ModelConfig:
     dropout: float = _opt(0.0, "dropout on embeddings, attention weights and residual branches")
     attn_dropout: float = _opt(
         -1.0,
-        "dropout on attention weights; negative = same as --dropout. Above 0 it forces the slow, memory-hungry "
-        "math attention path on CPU (measured: -37%% speed, +3 GB at shakespeare-char size)",
+        "dropout on attention weights; negative = same as --dropout. Above 0 it forces the slower, memory-hungry "
+        "math attention path on CPU (README: measured cost)",
     )
     bias: bool = _opt(True, "use biases in linear layers and layer norms")
     ln: str = _opt("pre", "layer-norm placement: 'post' (GPT-1) or 'pre' (GPT-2)", choices=("pre", "post"))
     gelu: str = _opt(
         "tanh",
         "MLP activation: 'tanh' (the GELU approximation of GPT-1/GPT-2) or 'exact' (erf, nanoGPT's; "
-        "measured 2.3x cheaper than tanh in bf16 on CPU)",
+        "cheaper than tanh in bf16 on CPU)",
         choices=GELU_FORMS,
     )
     layer_norm_epsilon: float = _opt(1e-5, "layer-norm epsilon", cli=False)
@@ -179,17 +168,25 @@ class DataConfig:
             raise UserError(f"the {self.tokenizer} tokenizer needs --vocab-dir with {files}")
 
 
-# The files of each published vocabulary (tokenizers.py and interop read them).
+# The files of each published vocabulary (the tokenizers package reads them).
 VOCAB_FILES = {"gpt2": "encoder.json and vocab.bpe", "gpt1": "encoder_bpe_40000.json and vocab_40000.bpe"}
 # The sizes of the published vocabularies, for describing a configuration without its files. GPT-1's
 # 40,478 entries are followed by its 3 fine-tuning tokens (start, delimiter, extract).
 PUBLISHED_VOCAB_SIZES = {"gpt2": 50257, "gpt1": 40478 + 3}
 
 
+NAMED_DATASETS = ("shakespeare", "tinyshakespeare")
+
+
+def is_prepared_folder(path: str | Path) -> bool:
+    """A folder `slm prepare` wrote: meta.json beside token files (data.open_prepared says what is
+    wrong with a damaged one)."""
+    p = Path(path).expanduser()
+    return (p / "meta.json").is_file() and any((p / n).exists() for n in ("train.bin", "val.bin", "tokenizer.json"))
+
+
 def _is_prepared(dataset: str) -> bool:
     """A prepared folder as the dataset brings its own tokenizer (a named dataset never is one)."""
-    from slmkit.data import NAMED_DATASETS, is_prepared_folder  # data imports this module
-
     return dataset not in NAMED_DATASETS and is_prepared_folder(dataset)
 
 
@@ -202,7 +199,7 @@ class TrainConfig:
     max_iters: int = _opt(5000, "optimizer steps", bounds=(1, MAX_STEPS))
     epochs: float = _opt(0.0, "passes over the training tokens; when > 0 it sets max_iters = ceil(epochs x train "
                               "tokens / tokens per step)")
-    learning_rate: float = _opt(1e-3, "peak learning rate")
+    learning_rate: float = _opt(1e-3, "peak learning rate", flags=("--lr",))
     min_lr: float = _opt(-1.0, "floor of the cosine decay; negative = learning_rate / 10")
     warmup_iters: int = _opt(100, "linear warmup steps", bounds=(0, MAX_STEPS))
     lr_decay_iters: int = _opt(0, "steps over which the cosine decays; 0 = max_iters", bounds=(0, MAX_STEPS))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from slmkit.config import DataConfig
+from slmkit.config import NAMED_DATASETS, DataConfig, is_prepared_folder
 from slmkit.errors import UserError
 from slmkit.fileio import check_output_folder, read_marker, record_files, staged_folder
 from slmkit.tokenizers import (
@@ -45,7 +45,6 @@ from slmkit.tokenizers import (
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-NAMED_DATASETS = ("shakespeare", "tinyshakespeare")
 CHUNK_CHARS = 1 << 20  # encode in ~1 MB pieces: parallel, and a progress bar that moves
 PREPARED_KIND = "prepared"
 PREPARED_FILES = ("meta.json", "tokenizer.json", "train.bin", "val.bin")
@@ -136,12 +135,6 @@ class Corpus:
     def count(self) -> int:
         """Documents that hold any text (an empty file adds no document, and no end-of-text token)."""
         return sum(1 for d in self.documents if d)
-
-
-def is_prepared_folder(path: str | Path) -> bool:
-    """A folder `slm prepare` wrote: meta.json beside token files (open_prepared says what is wrong with it)."""
-    p = Path(path).expanduser()
-    return (p / "meta.json").is_file() and any((p / n).exists() for n in ("train.bin", "val.bin", "tokenizer.json"))
 
 
 def names_prepared_folder(data: DataConfig) -> bool:
@@ -350,7 +343,7 @@ def build_tokenizer(data: DataConfig, corpus: Corpus, progress: bool,
             train_pieces = split_pieces(corpus_pieces(corpus, True), data.val_fraction)[0]
         chunks = (c for p in train_pieces for c in chunk_text(p.text, 1 << 16))
         return HFByteLevelTokenizer.train(chunks, data.bpe_vocab_size, show_progress=progress)
-    if has_named_tokenizer(data.tokenizer):  # kinds registered by other modules (gpt1)
+    if has_named_tokenizer(data.tokenizer):  # published vocabularies read from --vocab-dir (gpt1)
         return named_tokenizer(data.tokenizer, data.vocab_dir)
     raise UserError(f"unknown tokenizer {data.tokenizer!r}; use char, bpe or gpt2")
 
@@ -453,7 +446,7 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
         raise UserError(f"corpus {corpus.source} is empty")
     corpus_sha, key = _corpus_key(data, corpus, tokenizer)
     target = Path(out_dir).expanduser() if out_dir else cache_root(data) / "prepared" / key
-    flag = "--out" if out_dir else "cache folder"
+    flag = "--out-dir" if out_dir else "cache folder"
     existing = _reusable(target, key)
     if existing is not None:
         return existing

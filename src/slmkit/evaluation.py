@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,17 +50,20 @@ def token_logprobs(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    progress: bool = False,
 ) -> np.ndarray:
     """log P(token[i] | previous tokens in its window) for i = 1..n-1, through consecutive windows.
 
     Windows of block_size tokens are scored in batches; every token but the first is predicted
-    exactly once, so the result does not depend on any random choice.
+    exactly once, so the result does not depend on any random choice. `progress` shows a bar on
+    a terminal (a whole split can take minutes).
     """
     block = model.config.block_size
     windows = list(full_split_windows(len(tokens), block))
     out = np.zeros(max(len(tokens) - 1, 0), dtype=np.float64)
     was_training = model.training
     model.eval()
+    bar = _bar(len(windows), progress)
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
         width = max(length for _, length in group)
@@ -76,8 +80,20 @@ def token_logprobs(
         picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu().double().numpy()
         for row, (start, length) in enumerate(group):
             out[start : start + length] = picked[row, :length]
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     return out
+
+
+def _bar(total: int, enabled: bool):
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="window", desc="evaluating", leave=False, dynamic_ncols=True)
 
 
 def score_tokens(
@@ -87,6 +103,7 @@ def score_tokens(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    progress: bool = False,
 ) -> LMScore:
-    logp = token_logprobs(model, tokens, batch_size, device, dtype)
+    logp = token_logprobs(model, tokens, batch_size, device, dtype, progress)
     return LMScore(nll=float(-logp.sum()), tokens=int(logp.size), chars=chars)

@@ -94,10 +94,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp_path)` fills a temporary file that then atomically replaces `path`."""
-    with atomic_path(path) as tmp:
-        write(tmp)
+def atomic_write(path: str | Path, write: Callable[[Path], Any], private_folder: bool = False) -> None:
+    """`write(tmp_path)` fills a temporary file that then atomically replaces `path`.
+
+    `private_folder` is for writers that make temporary files of their own beside the file they
+    are given (safetensors' `save_file` does): they then work inside a folder of ours, so whatever
+    a killed process leaves there carries our temporary suffix and is swept at the next start.
+    """
+    if not private_folder:
+        with atomic_path(path) as tmp:
+            write(tmp)
+        return
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        with atomic_path(folder / path.name) as tmp:
+            write(tmp)
+        os.replace(folder / path.name, path)
+    except BaseException as exc:
+        if _is_write_failure(exc):
+            raise write_error(path, exc) from None
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -137,9 +160,13 @@ def remove_orphan_temps(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file() and not p.is_symlink():
+        if not (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)) or p.is_symlink():
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
             p.unlink(missing_ok=True)
-            removed.append(p)
+        removed.append(p)
     return removed
 
 
@@ -306,7 +333,7 @@ def check_output_folder(target: Path, kind: str, overwrite: bool, flag: str) -> 
 
 @contextlib.contextmanager
 def staged_folder(
-    target: str | Path, kind: str, overwrite: bool, flag: str = "--out", last: str | None = None
+    target: str | Path, kind: str, overwrite: bool, flag: str = "--out-dir", last: str | None = None
 ) -> Iterator[Path]:
     """Build a whole output folder in a temporary sibling, then move it into `target`.
 

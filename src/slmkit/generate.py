@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from slmkit.config import SEED_LIMIT, show
+from slmkit.config import SEED_LIMIT, WEIGHT_FORMATS, show
 from slmkit.errors import UserError
 from slmkit.inference import decoding_model
 from slmkit.model import GPT
+from slmkit.options import option
 from slmkit.tokenizers import Tokenizer
 
 # Below this temperature sampling is greedy: logits / 1e-45 overflows to inf (NaN probabilities),
@@ -42,35 +43,55 @@ def _float_option(name: str, value: object) -> float:
 
 @dataclass
 class GenerationConfig:
-    """How to sample. temperature 0 is greedy (always the most likely token), and so is any
-    temperature below GREEDY_BELOW (1e-5), which would otherwise overflow the logits."""
+    """How to sample; `slm generate`'s flags are generated from these fields, so their defaults are the
+    CLI's and the API's alike. temperature 0 is greedy (always the most likely token), and so is any
+    temperature below GREEDY_BELOW (1e-5), which would otherwise overflow the logits.
 
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # 0 (or below 1e-5) = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    stop: tuple[str, ...] = ()
-    stop_at_eot: bool = True
-    seed: int | None = None
-    num_samples: int = 1
-    use_cache: bool = True
-    weights: str = "auto"  # "int8": weight-only int8 linears on CPU (checked by slmkit.inference)
+    top_k defaults to 200, nanoGPT's sampling default (as temperature 0.8 is): it trims only the long
+    tail of a BPE vocabulary, where thousands of unlikely tokens together hold real probability and one
+    draw from them can derail a sample, and it changes nothing for a character vocabulary (under 200).
+    """
+
+    max_new_tokens: int = option(500, "tokens to generate per sample", bounds=(0, MAX_NEW_TOKENS))
+    temperature: float = option(0.8, "softmax temperature; 0 (or anything below 1e-5) = greedy")
+    top_k: int = option(200, "sample among the k most likely tokens; 0 = off", bounds=(0, 2**62))
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens whose probability reaches p; 1 = off")
+    stop: tuple[str, ...] = option((), "stop a sample at this string (repeatable; on the command line \\n and \\t "
+                                       "mean newline and tab)")
+    stop_at_eot: bool = option(True, "stop a sample at the end-of-text token (--no-eot-stop: go on past it)",
+                               cli="--eot-stop")
+    # Sample i uses seed + i; torch.Generator.manual_seed takes values below 2**64.
+    seed: int | None = option(None, "random seed for reproducible samples", bounds=(0, SEED_LIMIT - 1))
+    num_samples: int = option(1, "independent samples", bounds=(1, MAX_SAMPLES))
+    use_cache: bool = option(True, "KV cache (--no-cache: recompute every position; slow, for comparison)",
+                             cli="--cache")
+    # Checked by slmkit.inference. A runtime flag: eval and score take --weights too.
+    weights: str = option(
+        "auto",
+        "auto: the checkpoint's weights in --dtype; int8: weight-only int8 linears with bf16 activations (CPU only; "
+        "faster generation at a small cost in loss, measured in the README)",
+        choices=WEIGHT_FORMATS, runtime=True,
+    )
 
     def validate(self) -> None:
-        _int_option("max-new-tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS)
+        _int_option("max-new-tokens", self.max_new_tokens, *self._bounds("max_new_tokens"))
         if _float_option("temperature", self.temperature) < 0:
             raise UserError("--temperature must not be negative (0 = greedy)")
-        _int_option("top-k", self.top_k, 0, 2**62)
+        _int_option("top-k", self.top_k, *self._bounds("top_k"))
         if not 0.0 < _float_option("top-p", self.top_p) <= 1.0:
             raise UserError(f"--top-p must be in (0, 1], got {show(self.top_p)}")
-        _int_option("num-samples", self.num_samples, 1, MAX_SAMPLES)
+        _int_option("num-samples", self.num_samples, *self._bounds("num_samples"))
         if self.seed is not None:
-            # Sample i uses seed + i; torch.Generator.manual_seed takes values below 2**64.
-            _int_option("seed", self.seed, 0, SEED_LIMIT - 1)
+            _int_option("seed", self.seed, *self._bounds("seed"))
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise UserError(f"stop must be a list of strings, got {show(self.stop)}")
         if any(s == "" for s in self.stop):
             raise UserError("a stop string must not be empty")
+
+    @classmethod
+    def _bounds(cls, name: str) -> tuple[int, int]:
+        """A field's bounds, as declared once in its metadata."""
+        return next(f.metadata["bounds"] for f in fields(cls) if f.name == name)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

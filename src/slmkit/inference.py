@@ -5,13 +5,11 @@ Generating one token reads every weight once, so batch-1 decoding is bound by ho
 matrix-vector products stream their weights. Two things make them faster on CPU:
 
 - casting the weights once, instead of autocast re-casting all of them at every token;
-- prepacking each weight in oneDNN's blocked layout (what `torch.compile` does for frozen CPU
-  models): 21-25 us per shakespeare-char projection in bf16, against 62 us for `F.linear`.
+- prepacking each weight in oneDNN's blocked layout (`slmkit.cpu_ops.PackedLinear`).
 
 `weights="int8"` goes further: weight-only int8 with one scale per output channel and bf16
-activations (the scheme of gpt-fast and llama.cpp's Q8_0, per channel instead of per block),
-through PyTorch's `_weight_int8pack_mm` CPU kernel: 15-18 us per projection, half the bytes to
-stream. It is opt-in because it changes the numbers a little (README: measured loss change).
+activations (`slmkit.cpu_ops.Int8Linear`), half the bytes to stream. It is opt-in because it
+changes the numbers a little. The README ("Generation", "Inference precision") measures both.
 
 The prepared copy is cached per model and rebuilt when the model's weights change (training,
 loading), so it is safe to generate between training steps.
@@ -26,58 +24,9 @@ import torch
 import torch.nn as nn
 
 from slmkit.config import WEIGHT_FORMATS
+from slmkit.cpu_ops import Int8Linear, PackedLinear, can_prepack, can_quantize_int8
 from slmkit.errors import UserError
 from slmkit.model import GPT
-
-
-def can_prepack(dtype: torch.dtype) -> bool:
-    """oneDNN linear with prepacked weights exists in this build for this dtype."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32
-
-
-class PackedLinear(nn.Module):
-    """nn.Linear for inference, its weight reordered once into oneDNN's blocked layout."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        weight = linear.weight.detach()
-        self.out_features = weight.shape[0]
-        # The batch-size hint only tunes the layout; other batch sizes still give the same results.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 linear: w ~ q * scale per output channel, bf16 activations."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        # The kernel takes bf16 scales: quantize against the rounded scale so that q * scale is
-        # what the kernel multiplies back.
-        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
-        self.out_features = w.shape[0]
-        self.weight_int8 = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        self.scales = scales
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-def can_quantize_int8(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def _replace_linears(module: nn.Module, make) -> None:

@@ -8,6 +8,10 @@ GPT-1 normalises after each residual addition (post-LN); GPT-2 moved the layer n
 each sub-block and added a final one (pre-LN). Both are one flag here. Parameter names follow the
 Hugging Face GPT-2 layout (transformer.wte, transformer.h.N.attn.c_attn, ...) so that weights map
 one to one; our linear layers store [out, in] while HF's Conv1D stores [in, out].
+
+Read top to bottom: attention, MLP, block, the GPT itself, then the KV cache that decoding uses.
+`slmkit.reference` is the same network written plainly (attention spelled out, no cache) and
+`slmkit.cpu_ops` holds the CPU kernels, of which the model uses one: `Dropout`.
 """
 
 from __future__ import annotations
@@ -20,107 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slmkit.config import ModelConfig
-
-
-class _ScaleByMask(torch.autograd.Function):
-    """y = x * mask * scale; the gradient takes the same mask and scale (dropout's backward)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(mask)
-        ctx.scale = scale
-        return torch.mul(x, mask).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (mask,) = ctx.saved_tensors
-        return torch.mul(grad, mask).mul_(ctx.scale), None, None
-
-
-_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BITS_OF_ONE = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00, torch.float32: 0x3F800000,
-                torch.float64: 0x3FF0000000000000}
-
-
-def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout with a far cheaper mask than PyTorch's CPU kernel, from the same generator.
-
-    torch's CPU dropout draws one Bernoulli sample per element and multiplies by a bool mask: 20 ms
-    for a 32x256x384 bf16 activation, 14% of a shakespeare-char training step. Here 64-bit random
-    words are cut into one integer slice per element (16 bits for bf16, 32 for fp32), and a few
-    in-place integer ops turn each slice into the bit pattern of 0.0 or 1.0 in x's own dtype: 3 ms
-    forward, 0.5 ms backward. `random_` leaves each word's sign bit at 0, so only the low
-    width-1 bits of each slice are used; p is rounded to a multiple of 2^-(width-1) (2^-15 for
-    bf16) and the scale uses the rounded value, so the expectation stays exact.
-    """
-    int_dtype = _INT_OF_SIZE[x.element_size()]
-    bits = 8 * x.element_size() - 1
-    levels = 1 << bits
-    dropped = round(p * levels)
-    if dropped >= levels:
-        return F.dropout(x, p, training=True)
-    n = x.numel()
-    words = torch.empty((n * x.element_size() + 7) // 8, dtype=torch.int64, device=x.device).random_()
-    draws = words.view(int_dtype)[:n].view(x.shape) & (levels - 1)
-    # (draw - dropped) >> bits is -1 (all ones) where draw < dropped, else 0: invert, keep 1.0's bits.
-    mask = draws.sub_(dropped).bitwise_right_shift_(bits).bitwise_not_().bitwise_and_(_BITS_OF_ONE[x.dtype])
-    mask = mask.view(x.dtype)
-    return _ScaleByMask.apply(x, mask, levels / (levels - dropped))
-
-
-class Dropout(nn.Module):
-    """nn.Dropout, with `cpu_dropout` on CPU (CUDA's own kernel is already fast)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu" or x.dtype not in _BITS_OF_ONE or torch.compiler.is_compiling():
-            return F.dropout(x, self.p, training=True)  # fast on CUDA; compiled code makes its own masks
-        return cpu_dropout(x, self.p)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # Skips nn.Module's call machinery (hooks), which is most of a no-op dropout's cost: 19
-        # calls per generated token at shakespeare-char size.
-        return self.forward(x)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so each new token costs one step.
-
-    One buffer per layer holds keys and values side by side, [batch, time, 2, heads, head_dim], so
-    each step stores both with a single copy straight from the qkv projection. Buffers are
-    allocated for the whole context at the first write and filled left to right, in `dtype` if
-    given (else the model's compute dtype).
-    """
-
-    def __init__(self, n_layer: int, max_len: int, dtype: torch.dtype | None = None):
-        self.n_layer = n_layer
-        self.max_len = max_len
-        self.dtype = dtype
-        self.length = 0
-        self.kv: list[torch.Tensor | None] = [None] * n_layer
-
-    def append(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store kv [B, T, 2, H, D] after the cached tokens; return all keys and values [B, H, time, D]."""
-        B, T, _, H, D = kv.shape
-        if self.kv[layer] is None:
-            self.kv[layer] = kv.new_zeros(B, self.max_len, 2, H, D, dtype=self.dtype or kv.dtype)
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens > context {self.max_len}")
-        buf = self.kv[layer]
-        buf[:, self.length : end] = kv
-        return buf[:, :end, 0].transpose(1, 2), buf[:, :end, 1].transpose(1, 2)
-
-    def reset(self) -> None:
-        self.length = 0
+from slmkit.cpu_ops import Dropout  # nn.Dropout's behaviour, with a cheaper mask on CPU
 
 
 class CausalSelfAttention(nn.Module):
@@ -165,7 +69,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_width, bias=cfg.bias)
-        # GPT-1/GPT-2 use the tanh approximation; exact (erf) GELU, nanoGPT's, is 2.3x cheaper in bf16 on CPU.
+        # GPT-1/GPT-2 use the tanh approximation; exact (erf) GELU, nanoGPT's, is cheaper in bf16 on CPU.
         self.gelu = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
         self.c_proj = nn.Linear(cfg.mlp_width, cfg.n_embd, bias=cfg.bias)
         self.dropout = Dropout(cfg.dropout)
@@ -189,20 +93,6 @@ class Block(nn.Module):
             return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), cache)  # GPT-2: residual stream with norms in front
         return x + self.mlp(self.ln_2(x))
-
-
-@dataclass
-class ParamBreakdown:
-    token_embedding: int
-    position_embedding: int
-    attention: int
-    mlp: int
-    layer_norm: int
-    head: int  # 0: tied to the token embedding
-    total: int
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 class GPT(nn.Module):
@@ -295,9 +185,53 @@ class GPT(nn.Module):
         return self.param_breakdown().total
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Weight decay on matrices only: not on biases, layer norms' gains (GPT-1's 'non bias or gain')."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        """Weight decay on matrices only (slmkit.optim.optimizer_groups); kept for callers of the model."""
+        from slmkit.optim import optimizer_groups
+
+        return optimizer_groups(self, weight_decay)
+
+
+@dataclass
+class ParamBreakdown:
+    token_embedding: int
+    position_embedding: int
+    attention: int
+    mlp: int
+    layer_norm: int
+    head: int  # 0: tied to the token embedding
+    total: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so each new token costs one step.
+
+    One buffer per layer holds keys and values side by side, [batch, time, 2, heads, head_dim], so
+    each step stores both with a single copy straight from the qkv projection. Buffers are
+    allocated for the whole context at the first write and filled left to right, in `dtype` if
+    given (else the model's compute dtype).
+    """
+
+    def __init__(self, n_layer: int, max_len: int, dtype: torch.dtype | None = None):
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.dtype = dtype
+        self.length = 0
+        self.kv: list[torch.Tensor | None] = [None] * n_layer
+
+    def append(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store kv [B, T, 2, H, D] after the cached tokens; return all keys and values [B, H, time, D]."""
+        B, T, _, H, D = kv.shape
+        if self.kv[layer] is None:
+            self.kv[layer] = kv.new_zeros(B, self.max_len, 2, H, D, dtype=self.dtype or kv.dtype)
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > context {self.max_len}")
+        buf = self.kv[layer]
+        buf[:, self.length : end] = kv
+        return buf[:, :end, 0].transpose(1, 2), buf[:, :end, 1].transpose(1, 2)
+
+    def reset(self) -> None:
+        self.length = 0

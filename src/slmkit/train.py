@@ -23,7 +23,7 @@ import torch
 
 from slmkit.budget import check_fits, training_memory
 from slmkit.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
-from slmkit.config import MAX_STEPS, RunConfig, TrainConfig
+from slmkit.config import MAX_STEPS, RunConfig
 from slmkit.data import (
     PreparedData,
     fixed_offsets,
@@ -35,41 +35,29 @@ from slmkit.data import (
 from slmkit.errors import Interrupted, UserError
 from slmkit.fileio import (
     FolderLock,
-    append_line,
-    atomic_write,
     atomic_write_text,
     open_run_folder,
-    read_utf8,
     record_files,
     remove_if_only_marker,
 )
 from slmkit.model import GPT
+from slmkit.optim import make_adamw
+from slmkit.runlog import METRICS, RunLog, format_seconds, pyplot, read_metrics, save_figure
 from slmkit.runtime import (
     StopRequests,
     all_reduce_sum,
     autocast,
     barrier,
-    can_fuse_adamw,
     init_distributed,
     keep_freed_memory_for_reuse,
     resolve_dtype,
     shutdown_distributed,
 )
+from slmkit.schedule import lr_at
 
-METRICS, PLOT, SAMPLES, CONFIG, TOKENIZER = "metrics.jsonl", "loss.png", "samples.txt", "config.json", "tokenizer.json"
+PLOT, SAMPLES, CONFIG, TOKENIZER = "loss.png", "samples.txt", "config.json", "tokenizer.json"
 DATA_INFO = "data.json"
 RUN_KIND = "run"  # the ownership marker's kind for pre-training run folders
-
-
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup to the peak, then cosine decay to the floor (held after lr_decay_iters)."""
-    decay_iters = t.lr_decay_iters or t.max_iters
-    if step < t.warmup_iters:
-        return t.learning_rate * (step + 1) / (t.warmup_iters + 1)
-    if step >= decay_iters:
-        return t.floor_lr
-    progress = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
-    return t.floor_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.learning_rate - t.floor_lr)
 
 
 @dataclass
@@ -82,75 +70,6 @@ class TrainResult:
     tokens_per_s: float
     elapsed: float
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class MetricsLog:
-    """Append-only JSONL of training records (rank 0 only); never written through a symlink."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            append_line(self.path, json.dumps(record))
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop what the interrupted run wrote after its last checkpoint, and the final
-        evaluation (the resumed run writes it again when it reaches the end)."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        keep = [r for r in read_metrics(self.path.parent)
-                if r.get("step", 0) <= step and "final_val_loss" not in r]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl; a line that is not a JSON record (a torn write, an edit) is
-    skipped with one warning, never a traceback."""
-    p = Path(run_dir) / METRICS
-    if not p.is_file():
-        return []
-    records, bad = [], 0
-    for line in read_utf8(p, "metrics file").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
-            records.append(record)
-        else:
-            bad += 1
-    if bad:
-        print(f"warning: skipped {bad} malformed line(s) in {p}", file=sys.stderr)
-    return records
-
-
-class Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise (CI logs, pipes, notebooks' files)."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, info: dict[str, Any], line: bool) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: v for k, v in info.items() if v is not None}, refresh=True)
-        elif line:
-            print(" ".join(f"{k} {v}" for k, v in {"step": step, **info}.items() if v is not None),
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class Trainer:
@@ -176,10 +95,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = GPT(cfg.model).to(self.device)
         self.params = self.model.num_params()
-        self.optimizer = torch.optim.AdamW(
-            self.model.optimizer_groups(t.weight_decay), lr=t.learning_rate, betas=(t.beta1, t.beta2),
-            fused=can_fuse_adamw(self.device),
-        )
+        self.optimizer = make_adamw(self.model, t.learning_rate, (t.beta1, t.beta2), t.weight_decay, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
         self.step, self.best_val = 0, float("inf")
         self.elapsed_before = 0.0
@@ -195,7 +111,8 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
-        self.metrics = MetricsLog(run_dir / METRICS, self.ddp.is_main)
+        # Only rank 0 writes the run's files and shows progress.
+        self.log = RunLog(run_dir if self.ddp.is_main else None, echo=self.ddp.is_main)
         # The fixed evaluation subsets are sized by the global batch, so they do not change when the
         # same global batch is split over more processes.
         n_eval = t.eval_iters * t.batch_size * self.ddp.world_size
@@ -317,12 +234,11 @@ class Trainer:
         SIGINT/SIGTERM stop at the next step boundary with a checkpoint (see StopRequests)."""
         t = self.cfg.train
         self.model.train()
-        show = progress and self.ddp.is_main
-        if show:
-            if self.epochs_note:
-                print(self.epochs_note, file=sys.stderr)
-            print(self.banner(), file=sys.stderr, flush=True)
-        bar = Progress(t.max_iters, self.step, show)
+        self.log.echo = progress and self.ddp.is_main
+        if self.epochs_note:
+            self.log.text(self.epochs_note)
+        self.log.text(self.banner())
+        bar = self.log.progress(t.max_iters, self.step)
         start = time.perf_counter()
         first_step = self.step
         self._window = (time.perf_counter(), 0)
@@ -394,7 +310,7 @@ class Trainer:
             window_start = time.perf_counter()  # evaluation time does not count as training speed
         self._window = (window_start, window_steps)
         if len(record) > 1:
-            self.metrics.write(record)
+            self.log.record(record)
         if new_best:
             self.save(BEST, elapsed, with_optimizer=False)
         if ckpt_now:
@@ -426,15 +342,6 @@ class Trainer:
                 f"-> {self.run_dir}")
 
 
-def format_seconds(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 class _null:
     def __enter__(self):
         return self
@@ -446,11 +353,7 @@ class _null:
 def plot_losses(run_dir: Path) -> None:
     """loss.png: training and validation loss measured alike (fixed subsets, eval mode), the noisy
     minibatch loss behind them, and the learning rate on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = read_metrics(run_dir)
 
     def series(key: str) -> list[tuple[int, float]]:
@@ -475,10 +378,7 @@ def plot_losses(run_dir: Path) -> None:
         ax_lr.tick_params(axis="y", colors="tab:green")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    try:
-        atomic_write(Path(run_dir) / PLOT, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, Path(run_dir) / PLOT, dpi=100)
 
 
 RUN_FILES = (CONFIG, TOKENIZER, DATA_INFO, METRICS, PLOT, LAST, BEST, SAMPLES)
@@ -610,22 +510,23 @@ def train(
         if trainer.ddp.is_main:
             write_run_files(run_dir, cfg, data, {"device": str(trainer.device), "dtype": str(trainer.dtype)})
             if resume:
-                trainer.metrics.truncate_after(trainer.step)
+                trainer.log.truncate_after(trainer.step)
         barrier(trainer.ddp)
-        if note and progress and trainer.ddp.is_main:
-            print(note, file=sys.stderr)
+        trainer.log.echo = progress and trainer.ddp.is_main
+        if note:
+            trainer.log.text(note)
         result = trainer.fit(stop_after_step=stop_after_step, progress=progress, on_eval=on_eval)
         if trainer.ddp.is_main and trainer.step >= cfg.train.max_iters:
             if cfg.train.final_eval if final_eval is None else final_eval:
                 val = trainer.val_tokens
-                if progress:
-                    print(f"final evaluation on the whole validation split ({len(val):,} tokens; skip it with "
-                          "--no-final-eval)", file=sys.stderr, flush=True)
+                trainer.log.text(f"final evaluation on the whole validation split ({len(val):,} tokens; skip it "
+                                 "with --no-final-eval)")
                 chars = int(data.meta["chars"]["val"] * (len(val) - 1) / max(len(val), 1))
-                score = score_tokens(trainer.model, val, chars, cfg.train.batch_size, trainer.device, trainer.dtype)
+                score = score_tokens(trainer.model, val, chars, cfg.train.batch_size, trainer.device, trainer.dtype,
+                                     progress=progress)
                 result.final_val_loss = score.loss
-                trainer.metrics.write({"step": trainer.step, "final_val_loss": score.loss,
-                                       "final_val_bpc": score.bits_per_char})
+                trainer.log.record({"step": trainer.step, "final_val_loss": score.loss,
+                                    "final_val_bpc": score.bits_per_char})
             if cfg.train.sample_tokens > 0:
                 write_samples(trainer.model, trainer.tokenizer, run_dir / SAMPLES, cfg.train.sample_tokens,
                               trainer.device, trainer.dtype, cfg.train.seed)
@@ -638,6 +539,7 @@ def train(
         raise
     finally:
         if trainer is not None:
+            trainer.log.close()
             shutdown_distributed(trainer.ddp)
         if lock is not None:
             lock.release()

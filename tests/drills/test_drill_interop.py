@@ -202,7 +202,7 @@ def test_folder_of_the_user_is_refused_whatever_overwrite_says(tmp_path, capsys,
     extra = ["--overwrite"] if overwrite else []
     args = import_args(sources["a"], out, *extra) if command == "import" else export_args(sources["run"], out, *extra)
     code, err = cli(capsys, *args)
-    assert_refused(code, err, r"--out .*mine is not empty and was not written by slmkit")
+    assert_refused(code, err, r"--out-dir .*mine is not empty and was not written by slmkit")
     assert snapshot(out) == before
     assert leftovers(tmp_path) == []
 

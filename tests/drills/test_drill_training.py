@@ -116,7 +116,7 @@ def test_kill_9_at_random_moments_resumes_bit_identical(trial, corpus, reference
     kill_trial(trial, corpus, reference, tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("trial", range(3, 3 + TRIALS))
 def test_kill_9_many_trials(trial, corpus, reference, tmp_path):
     kill_trial(trial, corpus, reference, tmp_path)

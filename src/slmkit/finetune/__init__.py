@@ -5,14 +5,15 @@
     ft = FineTuned.load("runs/ft-sst2")
     ft.evaluate("dev.tsv")
 
-Importing this package registers the "with-specials" tokenizer kind (a vocabulary grown by the
-start / delimiter / extract tokens), so fine-tuned checkpoints load anywhere after it.
+Fine-tuned checkpoints keep their tokenizer as the "with-specials" kind (a vocabulary grown by the
+start / delimiter / extract tokens), which `slmkit.tokenizers` reads like any other kind.
 """
 
-from slmkit.finetune.heads import FineTuneModel, WithSpecialsTokenizer, add_special_tokens, resize_token_embeddings
+from slmkit.finetune.heads import FineTuneModel, add_special_tokens, resize_token_embeddings
 from slmkit.finetune.loop import FinetuneConfig, FineTuned, FinetuneResult, finetune
 from slmkit.finetune.tasks import TASKS, Example, TaskSpec, get_task, read_examples, spec_from_flags
 from slmkit.finetune.transforms import collate, encode_example, encode_examples
+from slmkit.tokenizers import WithSpecialsTokenizer
 
 __all__ = [
     "TASKS", "Example", "FineTuneModel", "FineTuned", "FinetuneConfig", "FinetuneResult", "TaskSpec",

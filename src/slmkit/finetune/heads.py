@@ -9,65 +9,19 @@ logit and takes a softmax over the answers (padding answers masked out). All seq
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slmkit.cpu_ops import Dropout
 from slmkit.errors import UserError
 from slmkit.finetune.tasks import TaskSpec
 from slmkit.finetune.transforms import ROLES, Batch
-from slmkit.model import GPT, Dropout
-from slmkit.tokenizers import DELIM, EXTRACT, SPECIAL_ROLES, START, TOKENIZER_KINDS, Tokenizer, tokenizer_from_dict
+from slmkit.model import GPT
+from slmkit.tokenizers import DELIM, EXTRACT, START, Tokenizer, WithSpecialsTokenizer
 
 ROLE_TOKENS = {"start": START, "delim": DELIM, "extract": EXTRACT}
-
-
-class WithSpecialsTokenizer(Tokenizer):
-    """A base tokenizer plus appended special tokens (ids offset, offset+1, ...): kind "with-specials"."""
-
-    kind = "with-specials"
-
-    def __init__(self, base: Tokenizer, offset: int, tokens: list[str]):
-        if offset < base.vocab_size:
-            raise UserError(f"special tokens must come after the base vocabulary ({base.vocab_size}), not at {offset}")
-        self.base, self.offset, self.tokens = base, offset, list(tokens)
-        self.special = dict(base.special)
-        for i, tok in enumerate(self.tokens):
-            self.special[SPECIAL_ROLES[tok]] = offset + i
-
-    @property
-    def vocab_size(self) -> int:
-        return self.offset + len(self.tokens)
-
-    def encode(self, text: str) -> list[int]:
-        return self.base.encode(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.base.encode_batch(texts)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        if token_id >= self.offset:
-            if token_id >= self.vocab_size:
-                raise UserError(f"token id {token_id} is outside this vocabulary")
-            return self.tokens[token_id - self.offset].encode()
-        if token_id >= self.base.vocab_size:
-            return b""  # rows between the base vocabulary and the model's padded size
-        return self.base.token_bytes(token_id)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "base": self.base.to_dict(), "offset": self.offset, "tokens": self.tokens}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> WithSpecialsTokenizer:
-        return cls(tokenizer_from_dict(d["base"]), int(d["offset"]), list(d["tokens"]))
-
-    def describe(self) -> str:
-        return f"{self.base.describe()} + {len(self.tokens)} fine-tuning tokens"
-
-
-TOKENIZER_KINDS[WithSpecialsTokenizer.kind] = WithSpecialsTokenizer.from_dict
 
 
 def resize_token_embeddings(model: GPT, new_size: int, generator: torch.Generator | None = None) -> None:
@@ -187,10 +141,3 @@ class FineTuneModel(nn.Module):
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         return {f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]

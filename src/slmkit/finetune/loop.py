@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import math
 import struct
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,8 +28,6 @@ from slmkit.checkpoint import BEST, FORMAT, Checkpoint, find_checkpoint, load_ch
 from slmkit.errors import UserError
 from slmkit.fileio import (
     FolderLock,
-    append_line,
-    atomic_write,
     atomic_write_text,
     claim_folder,
     open_run_folder,
@@ -44,34 +41,57 @@ from slmkit.finetune.heads import FineTuneModel, add_special_tokens
 from slmkit.finetune.tasks import Example, TaskSpec, read_examples
 from slmkit.finetune.transforms import Encoded, collate, encode_examples
 from slmkit.model import GPT
-from slmkit.runtime import autocast, can_fuse_adamw, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
+from slmkit.optim import make_adamw
+from slmkit.options import option
+from slmkit.runlog import METRICS, RunLog, pyplot, read_metrics, save_figure
+from slmkit.runtime import autocast, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
+from slmkit.schedule import warmup_linear
 from slmkit.tokenizers import Tokenizer
 
-METRICS_FILE, PLOT, LOG, SUMMARY = "metrics.jsonl", "finetune.png", "log.txt", "finetune.json"
-RUN_FILES = (BEST, METRICS_FILE, PLOT, LOG, SUMMARY)
+PLOT, LOG, SUMMARY = "finetune.png", "log.txt", "finetune.json"
+RUN_FILES = (BEST, METRICS, PLOT, LOG, SUMMARY)
 META_KEY = "finetune"
 KIND = "finetune"  # the ownership marker's kind for a fine-tuned run directory
 
 
 @dataclass
 class FinetuneConfig:
-    learning_rate: float = 6.25e-5
-    batch_size: int = 32
-    epochs: int = 3
-    warmup_frac: float = 0.002  # of all steps
-    lm_coef: float = 0.5  # lambda; 0 = no auxiliary LM objective
-    clf_dropout: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_len: int = 0  # 0 = the model's context (block_size)
-    max_train: int = 0  # 0 = every training example; else a seeded random subset of this size
-    dropout: float = -1.0  # the transformer's dropout; negative = keep the pre-trained config's
-    random_init: bool = False  # same architecture, random weights (the "no pre-training" baseline)
-    seed: int = 0
-    eval_batch_size: int = 64
-    log_interval: int = 10
-    device: str = "auto"
-    dtype: str = "auto"
+    """GPT-1's fine-tuning recipe as the defaults; `slm finetune`'s flags are generated from these fields."""
+
+    learning_rate: float = option(6.25e-5, "peak learning rate", flags=("--lr",))
+    batch_size: int = option(32, "examples per step")
+    epochs: int = option(3, "passes over the training set")
+    warmup_frac: float = option(0.002, "linear warmup, fraction of all steps")
+    lm_coef: float = option(0.5, "lambda of the auxiliary LM objective (L3 = L2 + lambda L1); 0 = off")
+    clf_dropout: float = option(0.1, "dropout before the linear head")
+    weight_decay: float = option(0.01, "AdamW decay on weight matrices")
+    grad_clip: float = option(1.0, "gradient-norm clip; 0 = off")
+    max_len: int = option(0, "truncate sequences to this many tokens; 0 = the model's context (block_size)")
+    max_train: int = option(0, "use a seeded random subset of this many training examples; 0 = all of them")
+    dropout: float = option(-1.0, "transformer dropout; negative = keep the pre-trained model's")
+    random_init: bool = option(False, "same architecture and vocabulary, random weights (the no-pre-training "
+                                      "baseline)")
+    seed: int = option(0, "random seed (head init, shuffling, dropout)")
+    eval_batch_size: int = option(64, "examples per evaluation batch")
+    log_interval: int = option(10, "log the training loss every N steps", cli=False)
+    device: str = option("auto", runtime=True)
+    dtype: str = option("auto", runtime=True)
+
+    # Names that records (finetune.json, a checkpoint's fine-tuning record) or callers may still use:
+    # `lr` is the flag's short name.
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        """A saved or hand-written configuration; renamed keys still load, unknown ones are an error."""
+        if not isinstance(d, dict):
+            raise UserError(f"a fine-tuning configuration must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        values = {cls.RENAMED.get(k, k): v for k, v in d.items()}
+        unknown = sorted(str(k) for k in values if k not in known)
+        if unknown:
+            raise UserError(f"unknown fine-tuning setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**values)
 
     def validate(self) -> None:
         if self.learning_rate <= 0 or self.batch_size <= 0 or self.epochs <= 0:
@@ -84,36 +104,6 @@ class FinetuneConfig:
             raise UserError("dropout rates must be below 1")
         if self.max_len < 0 or self.max_train < 0 or self.eval_batch_size <= 0 or self.log_interval <= 0:
             raise UserError("--max-len and --max-train must not be negative; batch sizes and intervals positive")
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
-class Logger:
-    """Progress lines to stderr and log.txt; lines logged before the run folder is claimed are kept
-    and written once it is (nothing is written into a folder before it is known to be ours)."""
-
-    def __init__(self, path: Path | None, echo: bool):
-        self.path, self.echo = path, echo
-        self.pending: list[str] = []
-
-    def __call__(self, msg: str) -> None:
-        if self.echo:
-            print(msg, file=sys.stderr, flush=True)
-        if self.path is None:
-            self.pending.append(msg)
-        else:
-            append_line(self.path, msg)
-
-    def open(self, path: Path) -> None:
-        self.path = path
-        for msg in self.pending:
-            append_line(path, msg)
-        self.pending = []
 
 
 # ----------------------------------------------------------------------------- loading
@@ -267,13 +257,13 @@ class FinetuneResult:
     elapsed: float = 0.0
 
 
-def _load_split(spec: TaskSpec, path: str | Path, tokenizer: Tokenizer, max_len: int, log: Logger,
+def _load_split(spec: TaskSpec, path: str | Path, tokenizer: Tokenizer, max_len: int, log: RunLog,
                 what: str) -> tuple[list[Example], list[Encoded]]:
     read = read_examples(spec, path)
     if read.report():
-        log(f"{what}: {read.report()}")
+        log.text(f"{what}: {read.report()}")
     encoded, truncated = encode_examples(spec, tokenizer, read.examples, max_len)
-    log(f"{what}: {len(read.examples)} examples from {read.source}; {truncated} truncated to {max_len} tokens")
+    log.text(f"{what}: {len(read.examples)} examples from {read.source}; {truncated} truncated to {max_len} tokens")
     return read.examples, encoded
 
 
@@ -379,7 +369,7 @@ class _Job:
 
 
 def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_path: str | Path,
-              test_path: str | Path | None, cfg: FinetuneConfig, log: Logger) -> _Job:
+              test_path: str | Path | None, cfg: FinetuneConfig, log: RunLog) -> _Job:
     ckpt = _load_source(source)
     model, tokenizer = build_for_finetuning(ckpt, spec, cfg)
     max_len = min(cfg.max_len or model.gpt.config.block_size, model.gpt.config.block_size)
@@ -392,12 +382,12 @@ def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_pa
     if cfg.max_train and len(train_enc) > cfg.max_train:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_enc))[: cfg.max_train])
         train_enc = [train_enc[i] for i in keep]
-        log(f"train: using a random subset of {len(train_enc)} examples (--max-train, seed {cfg.seed})")
+        log.text(f"train: using a random subset of {len(train_enc)} examples (--max-train, seed {cfg.seed})")
     dev = _load_split(spec, dev_path, tokenizer, max_len, log, "dev")
     test = _load_split(spec, test_path, tokenizer, max_len, log, "test") if test_path else None
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters ({'random init' if cfg.random_init else ckpt.path}), "
-        f"{tokenizer.describe()}; task {spec.name} ({spec.family}), lambda {cfg.lm_coef}")
+    log.text(f"model: {n_params / 1e6:.2f}M parameters ({'random init' if cfg.random_init else ckpt.path}), "
+             f"{tokenizer.describe()}; task {spec.name} ({spec.family}), lambda {cfg.lm_coef}")
     return _Job(spec, cfg, ckpt, model, tokenizer, device, dtype, max_len, train_enc, dev, test, n_params)
 
 
@@ -418,26 +408,25 @@ def finetune(
     spec.validate()
     run_dir = Path(out_dir)
     check_run_dir(run_dir, overwrite)  # a wrong --out-dir fails at once, not after loading the model
-    log = Logger(None, progress)
+    # Lines logged while loading are held and written to log.txt once the folder is claimed.
+    log = RunLog(None, text_file=LOG, echo=progress)
     job = _load_job(source, spec, train_path, dev_path, test_path, cfg, log)
     lock = open_finetune_dir(run_dir, overwrite)  # --overwrite removes the old run only now, inputs all good
     try:
-        log.open(run_dir / LOG)
-        return _train(job, run_dir, log, progress)
+        log.open(run_dir)
+        return _train(job, run_dir, log)
     finally:
+        log.close()
         lock.release()
 
 
-def _train(job: _Job, run_dir: Path, log: Logger, progress: bool) -> FinetuneResult:
-    from slmkit.train import Progress
-
+def _train(job: _Job, run_dir: Path, log: RunLog) -> FinetuneResult:
     spec, cfg, model, device, dtype = job.spec, job.cfg, job.model, job.device, job.dtype
     train_enc, (dev_ex, dev_enc) = job.train_enc, job.dev
     steps_per_epoch = math.ceil(len(train_enc) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, math.ceil(cfg.warmup_frac * total)) if cfg.warmup_frac > 0 else 0
-    optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(0.9, 0.999), eps=1e-8, fused=can_fuse_adamw(device))
+    optimizer = make_adamw(model, cfg.learning_rate, (0.9, 0.999), cfg.weight_decay, device, eps=1e-8)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -449,7 +438,7 @@ def _train(job: _Job, run_dir: Path, log: Logger, progress: bool) -> FinetuneRes
     save_cfg = job.ckpt.config
     save_cfg.model.vocab_size = model.gpt.config.vocab_size
 
-    bar = Progress(total, 0, progress)
+    bar = log.progress(total, 0)
     history: list[dict[str, Any]] = []
     best_value, best_epoch, best_dev = -math.inf, 0, {}
     step, train_time, train_seen, eval_time, eval_seen = 0, 0.0, 0, 0.0, 0
@@ -458,7 +447,7 @@ def _train(job: _Job, run_dir: Path, log: Logger, progress: bool) -> FinetuneRes
 
     def write(record: dict[str, Any]) -> None:
         history.append(record)
-        append_line(run_dir / METRICS_FILE, json.dumps(record))
+        log.record(record)
 
     try:
         for epoch in range(1, cfg.epochs + 1):
@@ -468,7 +457,7 @@ def _train(job: _Job, run_dir: Path, log: Logger, progress: bool) -> FinetuneRes
                 t0 = time.perf_counter()
                 idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 batch = collate([train_enc[i] for i in idx], regression=spec.is_regression).to(device)
-                lr = lr_at(step, total, warmup, cfg.learning_rate)
+                lr = warmup_linear(step, cfg.learning_rate, warmup, total, 0.0)  # GPT-1: linear decay to 0
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 with autocast(device, dtype):
@@ -502,7 +491,7 @@ def _train(job: _Job, run_dir: Path, log: Logger, progress: bool) -> FinetuneRes
             eval_seen += len(dev_enc)
             dev = score(spec, dev_out, dev_ex)
             write({"step": step, "epoch": epoch, **{f"dev_{k}": v for k, v in dev.items()}})
-            log(f"epoch {epoch}: dev " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+            log.text(f"epoch {epoch}: dev " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
             if dev[spec.primary_metric] > best_value:
                 best_value, best_epoch, best_dev = dev[spec.primary_metric], epoch, dev
                 state = {"epoch": epoch, "step": step, "dev": dev, "task": spec.name}
@@ -521,7 +510,7 @@ def _train(job: _Job, run_dir: Path, log: Logger, progress: bool) -> FinetuneRes
         test_out = run_outputs(best.model, spec, job.test[1], cfg.eval_batch_size, device, dtype)
         test_metrics = score(spec, test_out, job.test[0])
         write({"step": step, "epoch": best_epoch, **{f"test_{k}": v for k, v in test_metrics.items()}})
-        log("test (best dev epoch): " + "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+        log.text("test (best dev epoch): " + "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     result = FinetuneResult(
         run_dir=run_dir, best_epoch=best_epoch, best_dev=best_dev, test=test_metrics, history=history,
         train_examples=len(train_enc), examples_per_s=train_seen / max(train_time, 1e-9),
@@ -547,12 +536,8 @@ def _label_mapping(spec: TaskSpec) -> dict[str, Any]:
 
 def plot_finetune(run_dir: Path, spec: TaskSpec) -> None:
     """finetune.png: training loss against steps and the dev metrics at the end of each epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(ln) for ln in (run_dir / METRICS_FILE).read_text().splitlines() if ln.strip()]
+    plt = pyplot()
+    records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     task = [(r["step"], r["task_loss"]) for r in records if "task_loss" in r and "lm_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -574,8 +559,4 @@ def plot_finetune(run_dir: Path, spec: TaskSpec) -> None:
     ax.set_title(f"{run_dir.name}: {spec.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        # An unpredictable temporary name, renamed over the plot: a planted link is replaced, never followed.
-        atomic_write(run_dir / PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    save_figure(fig, run_dir / PLOT, dpi=100)

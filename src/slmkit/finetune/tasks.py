@@ -2,8 +2,9 @@
 
 A task is data, not code: its family (which input transformation), the file format, which columns
 hold the text segments, the answer choices and the label, the label set (or the regression range)
-and the metrics. The shipped specs cover the datasets in ../shared/data/tasks; `spec_from_flags`
-builds the same kind of spec for a user's own file.
+and the metrics. The shipped specs cover GLUE-style task files (SST-2, CoLA, RTE, SICK, STS-B,
+MRPC, Story Cloze) in the column layouts of their public releases; `spec_from_flags` builds the
+same kind of spec for a user's own file.
 
 Columns are names (files with a header row) or 0-based indices. TSV files are split on tabs with
 no quote handling at all (GLUE sentences hold unbalanced `"`); CSV files use standard quoting.
@@ -127,7 +128,7 @@ def _spec(**kw: Any) -> TaskSpec:
     return TaskSpec(**kw)
 
 
-# The datasets of ../shared/data/tasks (formats in its SOURCES.md).
+# The public task files' layouts: which columns hold the text, the choices and the label.
 TASKS: dict[str, TaskSpec] = {
     "sst2": _spec(name="sst2", family="classification", format="tsv", segments=[["sentence"]], label="label",
                   labels=["0", "1"], label_names=["negative", "positive"], metrics=["accuracy"]),

@@ -48,7 +48,7 @@ def output_path(out: str | Path) -> Path:
 
 def check_out(out: Path, kind: str, overwrite: bool) -> None:
     """Refuse a bad `--out` before the slow part (reading a model), with the same rules the write applies."""
-    check_output_folder(out, kind, overwrite, "--out")
+    check_output_folder(out, kind, overwrite, "--out-dir")
 
 
 @contextlib.contextmanager
@@ -58,7 +58,7 @@ def staged_output(out: Path, kind: str, overwrite: bool, last: str) -> Iterator[
 
     Errors raised inside name the temporary folder, which the user never sees: they are rewritten to
     name `out` (whose previous contents are untouched)."""
-    with staged_folder(out, kind, overwrite, "--out", last=last) as stage:
+    with staged_folder(out, kind, overwrite, "--out-dir", last=last) as stage:
         try:
             yield stage
         except UserError as exc:

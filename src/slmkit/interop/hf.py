@@ -35,9 +35,9 @@ from slmkit.interop.common import (
     staged_output,
     write_run,
 )
-from slmkit.interop.gpt1_tokenizer import EOW, GPT1_SPECIALS, GPT1Tokenizer, read_json_vocab, read_merges
 from slmkit.interop.safetensors_io import iter_safetensors, write_safetensors
 from slmkit.tokenizers import EOT, GPT2Tokenizer, HFByteLevelTokenizer, Tokenizer, bytes_to_unicode
+from slmkit.tokenizers.gpt1 import EOW, GPT1_SPECIALS, GPT1Tokenizer, read_json_vocab, read_merges
 
 FAMILIES = ("gpt2", "openai-gpt")
 CONV_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

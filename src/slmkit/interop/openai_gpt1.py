@@ -26,7 +26,7 @@ from slmkit.config import ModelConfig, RunConfig, preset_config
 from slmkit.errors import UserError
 from slmkit.fileio import atomic_write
 from slmkit.interop.common import check_out, check_shape, output_path, special_rows, staged_output, write_run
-from slmkit.interop.gpt1_tokenizer import GPT1_SPECIALS, GPT1Tokenizer
+from slmkit.tokenizers.gpt1 import GPT1_SPECIALS, GPT1Tokenizer
 
 # (release name inside a layer, our name inside transformer.h.N, conv1d weight?)
 LAYER_TENSORS = (

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from slmkit.errors import UserError
+from slmkit.runlog import pyplot, read_metrics, save_figure
 from slmkit.sweep.runner import counted_trials, load_spec, load_study, redact_text, storage_errors, trial_run_dir
-from slmkit.train import CONFIG, read_metrics
+from slmkit.train import CONFIG
 
 REPORT_MD, RESULTS_CSV, PLOTS_DIR, SAMPLE_TXT = "report.md", "results.csv", "plots", "sample.txt"
 
@@ -167,17 +168,8 @@ def csv_text(spec, rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(rows, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     best = best_row(rows)
     shown = [r for r in rows if r.get("curves")]
@@ -202,11 +194,11 @@ def plot_curves(rows, path: Path) -> None:
         axes[1].legend(fontsize=7)
     fig.suptitle("validation loss of every trial (dashed: pruned)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelope: bool = True) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     pts = [r for r in rows if "best_val_loss" in r and r.get(x_key) is not None and r["state"] != "failed"]
     numeric = all(isinstance(r[x_key], int | float) and not isinstance(r[x_key], bool) for r in pts)
@@ -245,18 +237,7 @@ def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelop
     if ax.get_legend_handles_labels()[0]:  # no finished trial yet: an empty legend only warns
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    from slmkit.fileio import atomic_write
-
-    plt = _plt()
-    try:
-        # The temporary name does not end in .png, so the format is given.
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def make_plots(spec, rows, out: Path) -> list[Path]:

@@ -366,6 +366,19 @@ def _study_lock(spec: SweepSpec, sweep_dir: Path):
     return locked()
 
 
+# Optuna has no public way to move a queued trial to RUNNING atomically or to send a heartbeat for a
+# trial this code runs itself, so the two private attributes it needs are read here and only here:
+# an Optuna upgrade that renames them breaks these two functions and nothing else.
+def _storage_of(study):
+    """The study's storage backend (Optuna's private `Study._storage`)."""
+    return study._storage
+
+
+def _trial_id(trial) -> int:
+    """The storage's id of a Trial or FrozenTrial (Optuna's private `_trial_id`; `number` is per study)."""
+    return trial._trial_id
+
+
 def _pop_queued(study):
     """Take a queued trial: WAITING -> RUNNING is atomic in the storage, so two workers never get
     the same one (this mirrors what Study.ask does, without falling back to a new trial)."""
@@ -374,8 +387,8 @@ def _pop_queued(study):
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         try:
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                return optuna.trial.Trial(study, t._trial_id)
+            if _storage_of(study).set_trial_state_values(_trial_id(t), state=TrialState.RUNNING):
+                return optuna.trial.Trial(study, _trial_id(t))
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
@@ -409,7 +422,7 @@ class Heartbeat:
     """Tells the storage this worker is alive while a trial runs."""
 
     def __init__(self, study, trial_id: int):
-        self.storage, self.trial_id = study._storage, trial_id
+        self.storage, self.trial_id = _storage_of(study), trial_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -579,7 +592,7 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
     summary: dict[str, Any] = {"number": trial.number, "values": values, "state": "fail"}
     interrupt = _Interrupt()
     try:
-        with Heartbeat(study, trial._trial_id), interrupt:
+        with Heartbeat(study, _trial_id(trial)), interrupt:
             why = check_cell(base, spec.params, values)
             if why is not None:
                 raise UserError(f"invalid configuration: {why}")

@@ -1,4 +1,4 @@
-"""The GPT-1 vocabulary: BPE with `</w>` word ends over lower-cased, punctuation-split text.
+"""The GPT-1 vocabulary (kind "gpt1"): BPE with `</w>` word ends over lower-cased, punctuation-split text.
 
 The original code (openai/finetune-transformer-lm) ran ftfy and spaCy before BPE. Hugging Face's
 `OpenAIGPTTokenizer` (transformers 5) does what its BERT basic tokenizer did when those two are
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.errors import UserError
-from slmkit.tokenizers import DELIM, EXTRACT, NAMED_TOKENIZERS, SPECIAL_ROLES, START, TOKENIZER_KINDS, Tokenizer
+from slmkit.tokenizers.base import DELIM, EXTRACT, SPECIAL_ROLES, START, Tokenizer
 
 EOW = "</w>"
 GPT1_SPECIALS = (START, DELIM, EXTRACT)
@@ -197,6 +197,3 @@ def read_merges(path: Path) -> list[str]:
         lines = lines[1:]
     return [ln for ln in lines if ln.strip()]
 
-
-TOKENIZER_KINDS["gpt1"] = GPT1Tokenizer.from_dict
-NAMED_TOKENIZERS["gpt1"] = GPT1Tokenizer.from_files

@@ -1,9 +1,12 @@
-"""`slm import` and `slm export`."""
+"""`slm import` and `slm export`: GPT-1 / GPT-2 weights in and out (the original release, Hugging Face)."""
 
 from __future__ import annotations
 
 import argparse
 import time
+
+from slmkit.cli.common import add_model_source, add_out_dir
+from slmkit.cli.flags import Parser
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -13,48 +16,51 @@ def cmd_import(args: argparse.Namespace) -> None:
     if args.format == "openai-gpt1":
         from slmkit.interop.openai_gpt1 import import_openai_gpt1
 
-        path = import_openai_gpt1(args.src, args.out, overwrite=args.overwrite)
+        path = import_openai_gpt1(args.src, args.out_dir, overwrite=args.overwrite)
     else:
         from slmkit.interop.hf import import_hf
 
-        path = import_hf(args.src, args.out, overwrite=args.overwrite)
+        path = import_hf(args.src, args.out_dir, overwrite=args.overwrite)
     ckpt = load_checkpoint(path)
     m = ckpt.config.model
     print(f"imported {args.format} from {args.src}: {ckpt.state['params'] / 1e6:.2f}M params, "
           f"{m.n_layer} layers, {m.n_embd} wide, {m.ln}-LN, {ckpt.tokenizer.describe()} "
-          f"({time.perf_counter() - t0:.1f} s) -> {args.out}")
+          f"({time.perf_counter() - t0:.1f} s) -> {args.out_dir}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from slmkit.interop.hf import export_hf
 
-    out = export_hf(args.run, args.out, which=args.checkpoint, with_tokenizer=not args.no_tokenizer,
+    out = export_hf(args.run, args.out_dir, which=args.checkpoint, with_tokenizer=not args.no_tokenizer,
                     overwrite=args.overwrite)
     print(f"exported {args.run} -> {out} (Hugging Face format: config.json, model.safetensors"
           f"{'' if args.no_tokenizer else ', tokenizer files'})")
 
 
-def register(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("import", formatter_class=fmt,
-                       help="pre-trained GPT-1 / GPT-2 weights (original release or Hugging Face) -> run directory")
+def _build_import(p: Parser) -> None:
     p.add_argument("--format", required=True, choices=("openai-gpt1", "hf"),
                    help="openai-gpt1: params_shapes.json + params_*.npy + encoder_bpe_40000.json + vocab_40000.bpe; "
                         "hf: a Hugging Face gpt2 / openai-gpt directory (or a Hub id such as openai-community/gpt2)")
     p.add_argument("--src", required=True, help="source directory (hf: or a Hub repo id, downloaded first)")
-    p.add_argument("--out", required=True, help="run directory to create (new, empty, or an earlier import)")
+    add_out_dir(p, "run directory to create (new, empty, or an earlier import)", required=True)
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier import in --out (only files slmkit wrote; others are kept)")
+                   help="replace an earlier import in --out-dir (only files slmkit wrote; others are kept)")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", formatter_class=fmt,
-                       help="run directory -> Hugging Face directory (gpt2 for pre-LN, openai-gpt for post-LN)")
-    p.add_argument("--run", required=True, help="run directory (or a checkpoint .safetensors file)")
+
+def _build_export(p: Parser) -> None:
+    add_model_source(p)
     p.add_argument("--format", default="hf", choices=("hf",), help="output format")
-    p.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier export)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint of a run")
+    add_out_dir(p, "directory to write (new, empty, or an earlier export)", required=True)
     p.add_argument("--no-tokenizer", action="store_true",
                    help="weights and config only (needed for character-level tokenizers, which HF cannot represent)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier export in --out (only files slmkit wrote; others are kept)")
+                   help="replace an earlier export in --out-dir (only files slmkit wrote; others are kept)")
     p.set_defaults(func=cmd_export)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("import", build=_build_import,
+                   help="pre-trained GPT-1 / GPT-2 weights (original release or Hugging Face) -> run directory")
+    sub.add_parser("export", build=_build_export,
+                   help="run directory -> Hugging Face directory (gpt2 for pre-LN, openai-gpt for post-LN)")

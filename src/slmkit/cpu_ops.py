@@ -1,0 +1,165 @@
+"""CPU kernels that PyTorch's defaults leave slow, behind a few plain names.
+
+- `Dropout`: nn.Dropout with a cheaper mask on CPU (`cpu_dropout`), the only name the model imports;
+- `PackedLinear`: an inference linear whose weight is prepacked once in oneDNN's blocked layout;
+- `Int8Linear`: a weight-only int8 inference linear (one scale per output channel, bf16 activations).
+
+Every private PyTorch API slmkit relies on (`torch.ops.mkldnn._linear_pointwise`,
+`torch.ops.mkldnn._reorder_linear_weight`, `torch.ops.mkldnn._is_mkldnn_bf16_supported`,
+`torch.ops.aten._weight_int8pack_mm` and nn.Module's hook registries) is reached from this module
+only, so that a PyTorch upgrade that moves one of them breaks one file. What each one saves is
+measured in the README ("Training speed on CPU", "Generation") and in `bench/`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.modules.module as _module
+
+# --- dropout -----------------------------------------------------------------------------------
+
+
+class _ScaleByMask(torch.autograd.Function):
+    """y = x * mask * scale; the gradient takes the same mask and scale (dropout's backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return torch.mul(x, mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return torch.mul(grad, mask).mul_(ctx.scale), None, None
+
+
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS_OF_ONE = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00, torch.float32: 0x3F800000,
+                torch.float64: 0x3FF0000000000000}
+
+
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with a far cheaper mask than PyTorch's CPU kernel, from the same generator.
+
+    torch's CPU dropout draws one Bernoulli sample per element and multiplies by a bool mask. Here
+    64-bit random words are cut into one integer slice per element (16 bits for bf16, 32 for fp32),
+    and a few in-place integer ops turn each slice into the bit pattern of 0.0 or 1.0 in x's own
+    dtype. `random_` leaves each word's sign bit at 0, so only the low width-1 bits of each slice
+    are used; p is rounded to a multiple of 2^-(width-1) (2^-15 for bf16) and the scale uses the
+    rounded value, so the expectation stays exact.
+    """
+    int_dtype = _INT_OF_SIZE[x.element_size()]
+    bits = 8 * x.element_size() - 1
+    levels = 1 << bits
+    dropped = round(p * levels)
+    if dropped >= levels:
+        return F.dropout(x, p, training=True)
+    n = x.numel()
+    words = torch.empty((n * x.element_size() + 7) // 8, dtype=torch.int64, device=x.device).random_()
+    draws = words.view(int_dtype)[:n].view(x.shape) & (levels - 1)
+    # (draw - dropped) >> bits is -1 (all ones) where draw < dropped, else 0: invert, keep 1.0's bits.
+    mask = draws.sub_(dropped).bitwise_right_shift_(bits).bitwise_not_().bitwise_and_(_BITS_OF_ONE[x.dtype])
+    mask = mask.view(x.dtype)
+    return _ScaleByMask.apply(x, mask, levels / (levels - dropped))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Any hook nn.Module.__call__ would run for `module`: its own, or one registered globally.
+
+    The same test nn.Module._call_impl makes before its own fast path; the global registries are
+    private to torch.nn.modules.module, hence reached from here.
+    """
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        or _module._global_forward_hooks or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks or _module._global_backward_pre_hooks
+    )
+
+
+class Dropout(nn.Module):
+    """nn.Dropout, with `cpu_dropout` on CPU (CUDA's own kernel is already fast)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or x.dtype not in _BITS_OF_ONE or torch.compiler.is_compiling():
+            return F.dropout(x, self.p, training=True)  # fast on CUDA; compiled code makes its own masks
+        return cpu_dropout(x, self.p)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # nn.Module's call machinery is most of a no-op dropout's cost (19 calls per generated token
+        # at shakespeare-char size), so it is skipped, but only while no hook would run through it.
+        if _has_hooks(self):
+            return super().__call__(x)
+        return self.forward(x)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# --- inference linears (decoding only: no autograd, weights frozen) --------------------------------
+
+
+def can_prepack(dtype: torch.dtype) -> bool:
+    """oneDNN linear with prepacked weights exists in this build for this dtype."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear for inference, its weight reordered once into oneDNN's blocked layout.
+
+    `torch.compile` does the same for frozen CPU models; doing it by hand keeps eager decoding free
+    of compilation.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.out_features = weight.shape[0]
+        # The batch-size hint only tunes the layout; other batch sizes still give the same results.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+
+def can_quantize_int8(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear: w ~ q * scale per output channel, bf16 activations.
+
+    The scheme of gpt-fast and llama.cpp's Q8_0 (per channel instead of per block): half the bytes
+    of bf16 to stream per decoded token.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        # The kernel takes bf16 scales: quantize against the rounded scale so that q * scale is
+        # what the kernel multiplies back.
+        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+        self.out_features = w.shape[0]
+        self.weight_int8 = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.scales = scales
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
