@@ -180,8 +180,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if CHECKSUM in meta:
         if _crc(tensors, meta) != meta[CHECKSUM]:
             raise UserError(f"checkpoint {p} is corrupted (checksum mismatch)")
-    elif meta.get(LEGACY_CRC) and _crc(tensors) != meta[LEGACY_CRC]:
-        raise UserError(f"checkpoint {p} is corrupted (checksum mismatch)")
+    elif LEGACY_CRC in meta:
+        if _crc(tensors) != meta[LEGACY_CRC]:
+            raise UserError(f"checkpoint {p} is corrupted (checksum mismatch)")
+    else:
+        raise UserError(f"checkpoint {p} has no checksum (every slmkit checkpoint has one): refused")
     try:
         config = RunConfig.from_dict(json.loads(meta["config"]))
         config.validate()

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -222,10 +223,13 @@ def read_marker(folder: str | Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
 
 
-def write_marker(folder: str | Path, kind: str, files: Iterable[str] = ()) -> None:
+def write_marker(folder: str | Path, kind: str, files: Iterable[str] = (), replace: bool = False) -> None:
+    """Record `files` as written by slmkit: added to those already listed, or (`replace`) instead of
+    them, so that a name slmkit no longer has there stops being treated as its own."""
     folder = Path(folder)
     old = read_marker(folder) or {}
-    names = sorted(set(old.get("files", [])) | set(files)) if old.get("kind") == kind else sorted(set(files))
+    keep = old.get("files", []) if old.get("kind") == kind and not replace else []
+    names = sorted(set(keep) | set(files))
     atomic_write_json(folder / MARKER, {"kind": kind, "files": names, "tool": "slmkit"})
 
 
@@ -304,7 +308,10 @@ def remove_owned(folder: str | Path) -> list[str]:
             target.unlink()
             removed.append(name)
     remove_orphan_temps(p)
-    write_marker(p, marker["kind"], [n for n in marker.get("files", []) if n not in removed])
+    # Names that are gone stop being ours: a file the user later puts there is theirs.
+    left = [n for n in marker.get("files", []) if isinstance(n, str) and n not in removed
+            and "/" not in n and ((p / n).exists() or (p / n).is_symlink())]
+    write_marker(p, marker["kind"], left, replace=True)
     return removed
 
 
@@ -372,6 +379,10 @@ def _install_stage(stage: Path, target: Path, kind: str, names: list[str], last:
         os.replace(stage, target)  # one rename: the folder appears complete or not at all
         return
     old = (read_marker(target) or {}).get("files", [])
+    theirs = [n for n in names if n not in old and ((target / n).exists() or (target / n).is_symlink())]
+    if theirs:
+        raise UserError(f"{target} holds {theirs[0]}, which slmkit did not write; move it away and run again "
+                        "(nothing was changed)")
     if last in names:
         (target / last).unlink(missing_ok=True)  # the old output no longer looks complete
     write_marker(target, kind, sorted(set(old) | set(names)))
@@ -380,7 +391,7 @@ def _install_stage(stage: Path, target: Path, kind: str, names: list[str], last:
     for name in set(old) - set(names):
         if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
             (target / name).unlink(missing_ok=True)
-    write_marker(target, kind, names)
+    write_marker(target, kind, names, replace=True)
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -395,6 +406,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, under another user
     return True
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 class FolderLock:
@@ -431,11 +450,7 @@ class FolderLock:
         raise UserError(f"cannot take the lock {self.path}; another process keeps taking it")
 
     def _holder(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
+        return _read_lock(self.path)
 
     def _take_over_if_stale(self) -> bool:
         holder = self._holder()
@@ -448,9 +463,23 @@ class FolderLock:
         else:
             pid = holder.get("pid")
             stale = holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
-        if stale:
-            self.path.unlink(missing_ok=True)
-        return stale
+        if not stale:
+            return False
+        # Move the stale lock aside under a unique name, then check that what moved is the lock
+        # judged stale: another process may have taken it over in between (then put theirs back).
+        aside = self.path.with_name(f".{LOCK}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True
+        moved = _read_lock(aside)
+        if moved == holder:
+            aside.unlink(missing_ok=True)
+            return True
+        with contextlib.suppress(OSError):
+            os.link(aside, self.path)  # fails only if yet another process made a lock meanwhile
+        aside.unlink(missing_ok=True)
+        return False
 
     def release(self) -> None:
         if self.held:
@@ -466,8 +495,9 @@ class FolderLock:
         self.release()
 
 
-def remove_if_only_marker(folder: str | Path) -> bool:
-    """Remove a folder slmkit created that holds nothing but its marker (a start that failed)."""
+def remove_if_only_marker(folder: str | Path, created_from: str | Path | None = None) -> bool:
+    """Remove a folder slmkit created that holds nothing but its marker (a start that failed), and
+    the empty parents it created with it, up to and including `created_from`."""
     p = Path(folder)
     if not p.is_dir() or read_marker(p) is None or user_entries(p) or (read_marker(p) or {}).get("files"):
         return False
@@ -476,7 +506,25 @@ def remove_if_only_marker(folder: str | Path) -> bool:
     (p / MARKER).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         p.rmdir()
+    if created_from is not None and not p.exists():
+        top = Path(created_from).absolute()
+        parent = p.absolute().parent
+        while parent != top.parent and top in (parent, *parent.parents):
+            try:
+                parent.rmdir()  # only if empty: nothing of anyone's is lost
+            except OSError:
+                break
+            parent = parent.parent
     return not p.exists()
+
+
+def first_missing(folder: str | Path) -> Path | None:
+    """The outermost folder on the way to `folder` that does not exist yet (None if it exists)."""
+    p = Path(folder).absolute()
+    missing = None
+    while not p.exists():
+        missing, p = p, p.parent
+    return missing
 
 
 def open_run_folder(

@@ -36,6 +36,7 @@ from slmkit.errors import Interrupted, UserError
 from slmkit.fileio import (
     FolderLock,
     atomic_write_text,
+    first_missing,
     open_run_folder,
     record_files,
     remove_if_only_marker,
@@ -495,10 +496,12 @@ def train(
     # A first estimate without the embedding (the vocabulary is not known yet): an absurd size is
     # refused before any data is prepared or any folder created.
     check_fits(training_memory(cfg.model, 0, cfg.train.batch_size, True), _model_words(cfg), force=force)
-    created = not run_dir.exists()
-    lock = claim_run_dir(run_dir, resume, overwrite) if int(os.environ.get("RANK", "0")) == 0 else None
+    created = first_missing(run_dir)
+    lock = None
     trainer = None
     try:
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock = claim_run_dir(run_dir, resume, overwrite)
         # A resumed run encodes its text with the tokenizer it was trained with, whatever the cache
         # holds (a BPE retrained on the same text may come out different).
         saved = load_checkpoint(run_dir / LAST) if resume else None
@@ -532,10 +535,11 @@ def train(
                               trainer.device, trainer.dtype, cfg.train.seed)
         return result
     except BaseException:
-        if created and lock is not None and trainer is None:
-            lock.release()
-            lock = None
-            remove_if_only_marker(run_dir)  # a failed start leaves no empty run folder behind
+        if created is not None and trainer is None:
+            if lock is not None:
+                lock.release()
+                lock = None
+            remove_if_only_marker(run_dir, created)  # a failed start leaves no empty run folder behind
         raise
     finally:
         if trainer is not None:

@@ -109,3 +109,12 @@ def test_fuzzed_checkpoints_load_or_fail_with_one_line(data, ckpt_bytes, tmp_pat
         assert "\n" not in str(exc)
         return
     build_model(ckpt)  # a checkpoint that loads is consistent enough to build its model
+
+
+def test_a_checkpoint_without_any_checksum_is_refused(ckpt_bytes, tmp_path):
+    header, body = split(ckpt_bytes)
+    del header["__metadata__"][CHECKSUM]
+    p = tmp_path / "unchecked.safetensors"
+    p.write_bytes(join(header, body))
+    with pytest.raises(UserError, match="no checksum"):
+        load_checkpoint(p)
