@@ -170,6 +170,20 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, meta
 
 
+def checkpoint_metadata(path: str | Path) -> dict[str, str] | None:
+    """The metadata of an slmkit checkpoint from its safetensors header alone (no tensor is read,
+    nothing is checked but the format); None when `path` is not one."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, struct.error, ValueError, AttributeError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     p = Path(path)
     if not p.is_file():

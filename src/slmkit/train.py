@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from slmkit.budget import check_fits, training_memory
-from slmkit.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
+from slmkit.checkpoint import BEST, LAST, checkpoint_metadata, load_checkpoint, save_checkpoint, unwrap
 from slmkit.config import MAX_STEPS, RunConfig
 from slmkit.data import (
     PreparedData,
@@ -386,12 +386,11 @@ RUN_FILES = (CONFIG, TOKENIZER, DATA_INFO, METRICS, PLOT, LAST, BEST, SAMPLES)
 
 
 def legacy_run_files(folder: Path) -> list[str] | None:
-    """A run folder written before ownership markers: it holds one of our checkpoints."""
+    """A run folder written before ownership markers: it holds one of our checkpoints (recognised by
+    its header; the checkpoint is read and checked in full only when it is used)."""
     for name in (LAST, BEST):
         if (folder / name).is_file() and not (folder / name).is_symlink():
-            try:
-                load_checkpoint(folder / name)
-            except UserError:
+            if checkpoint_metadata(folder / name) is None:
                 return None
             return [n for n in RUN_FILES if (folder / n).exists()]
     return None

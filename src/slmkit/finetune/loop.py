@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from slmkit.checkpoint import BEST, FORMAT, Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
+from slmkit.checkpoint import BEST, Checkpoint, checkpoint_metadata, find_checkpoint, load_checkpoint, save_checkpoint
 from slmkit.errors import UserError
 from slmkit.fileio import (
     FolderLock,
@@ -272,15 +271,7 @@ def _load_split(spec: TaskSpec, path: str | Path, tokenizer: Tokenizer, max_len:
 
 def _is_finetune_checkpoint(path: Path) -> bool:
     """Whether `path` is an slmkit fine-tuned checkpoint, from its safetensors header alone."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                return False
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, struct.error, ValueError, AttributeError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT and META_KEY in meta
+    return META_KEY in (checkpoint_metadata(path) or {})
 
 
 def legacy_finetune_files(folder: Path) -> list[str] | None:
