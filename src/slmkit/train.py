@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from slmkit.budget import check_fits, training_memory
-from slmkit.checkpoint import BEST, LAST, checkpoint_metadata, load_checkpoint, save_checkpoint, unwrap
+from slmkit.checkpoint import BEST, LAST, Checkpoint, checkpoint_metadata, load_checkpoint, save_checkpoint, unwrap
 from slmkit.config import MAX_STEPS, RunConfig
 from slmkit.data import (
     PreparedData,
@@ -74,7 +74,7 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, data: PreparedData, resume_from: Path | None = None,
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: PreparedData, resume_from: Checkpoint | None = None,
                  force: bool = False):
         self.cfg, self.run_dir, self.data = cfg, run_dir, data
         t = cfg.train
@@ -137,13 +137,12 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
 
-    def _restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def _restore(self, ckpt: Checkpoint) -> None:
         if ckpt.tokenizer.fingerprint() != self.tokenizer.fingerprint():
-            raise UserError(f"checkpoint {path} was trained with a different tokenizer than this dataset's")
+            raise UserError(f"checkpoint {ckpt.path} was trained with a different tokenizer than this dataset's")
         self.model.load_state_dict(ckpt.model_state(), strict=False)
         if not ckpt.has_optimizer():
-            raise UserError(f"checkpoint {path} holds no optimizer state; resume needs {LAST}")
+            raise UserError(f"checkpoint {ckpt.path} holds no optimizer state; resume needs {LAST}")
         ckpt.restore_optimizer(self.optimizer)
         self.step = int(ckpt.state["step"])
         self.best_val = float(ckpt.state.get("best_val_loss", float("inf")))
@@ -508,7 +507,8 @@ def train(
             check_same_data(saved.config, cfg)
         saved_tokenizer = saved.tokenizer if saved is not None else None
         data = open_prepared(prepared_dir) if prepared_dir else prepare(cfg.data, tokenizer=saved_tokenizer)
-        trainer = Trainer(cfg, run_dir, data, run_dir / LAST if resume else None, force=force)
+        trainer = Trainer(cfg, run_dir, data, saved, force=force)  # the checkpoint is read once
+        del saved, saved_tokenizer  # its tensors (weights, AdamW moments) are copied in: free them
         if trainer.ddp.is_main:
             write_run_files(run_dir, cfg, data, {"device": str(trainer.device), "dtype": str(trainer.dtype)})
             if resume:
