@@ -19,44 +19,42 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from slmkit.fileio import append_line, atomic_write, atomic_write_text, read_utf8
 
 METRICS = "metrics.jsonl"
 
 
-class Sink(Protocol):
-    """Where a run log's records and text lines go."""
-
-    def record(self, record: dict[str, Any]) -> None: ...
-
-    def text(self, line: str) -> None: ...
-
-    def close(self) -> None: ...
-
-
-# ----------------------------------------------------------------------------- the always-on sinks
-
-
-class Console:
-    """Text lines on stderr; records are shown by the progress display instead."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+class Sink:
+    """Where a run log's records and text lines go. Each method does nothing unless a sink needs it;
+    an extra sink may also be any object with these three methods."""
 
     def record(self, record: dict[str, Any]) -> None:
         pass
 
     def text(self, line: str) -> None:
-        if self.enabled:
-            print(line, file=sys.stderr, flush=True)
+        pass
 
     def close(self) -> None:
         pass
 
 
-class JsonlFile:
+# ----------------------------------------------------------------------------- the always-on sinks
+
+
+class Console(Sink):
+    """Text lines on stderr; records are shown by the progress display instead."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def text(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
+
+class JsonlFile(Sink):
     """metrics.jsonl: one record a line, appended; a symbolic link in its place is refused."""
 
     def __init__(self, path: Path):
@@ -65,27 +63,15 @@ class JsonlFile:
     def record(self, record: dict[str, Any]) -> None:
         append_line(self.path, json.dumps(record))
 
-    def text(self, line: str) -> None:
-        pass
 
-    def close(self) -> None:
-        pass
-
-
-class TextFile:
+class TextFile(Sink):
     """A human-readable log (log.txt): the text lines, appended; a symbolic link is refused."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def record(self, record: dict[str, Any]) -> None:
-        pass
-
     def text(self, line: str) -> None:
         append_line(self.path, line)
-
-    def close(self) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------- the run log
