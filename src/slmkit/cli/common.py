@@ -64,14 +64,14 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
 def is_finetuned(run: str | Path, which: str = "best") -> bool | None:
     """Whether a run or checkpoint holds a fine-tuned model (a task head), read from the checkpoint's
     header only; None when it cannot be read, so the command's own loading reports why."""
-    from slmkit.checkpoint import find_checkpoint
+    from slmkit.checkpoint import checkpoint_metadata, find_checkpoint
     from slmkit.finetune.loop import META_KEY
-    from slmkit.interop.safetensors_io import read_header
 
     try:
-        return META_KEY in read_header(find_checkpoint(run, which)).metadata
+        meta = checkpoint_metadata(find_checkpoint(run, which))
     except UserError:
         return None
+    return None if meta is None else META_KEY in meta
 
 
 def refuse_finetuned(run: str | Path, which: str = "best") -> None:
