@@ -196,29 +196,55 @@ def generate_stream(
     rng = None
     if gen.seed is not None:
         rng = torch.Generator().manual_seed(gen.seed + sample_index)
-    decoder = tokenizer.stream_decoder()
     eot = tokenizer.special.get("eot")
-    held = ""
-    longest_stop = max((len(s) for s in gen.stop), default=0)
+    text = TextStream(tokenizer, gen.stop)
     for tid in generate_ids(model, ids, gen, device, dtype, rng, tokenizer.vocab_size, eot):
         if gen.stop_at_eot and tid == eot:
             break
-        held += decoder.push(tid)
-        if gen.stop:
-            hits = [held.find(s) for s in gen.stop if s in held]
-            if hits:
-                yield held[: min(hits)]
-                return
-            safe = len(held) - (longest_stop - 1)
-            if safe > 0:
-                yield held[:safe]
-                held = held[safe:]
-        elif held:
-            yield held
-            held = ""
-    held += decoder.flush()
-    if held:
-        yield held
+        piece = text.push(tid)
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    tail = text.finish()
+    if tail:
+        yield tail
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is complete characters (`push`), cut at the first stop
+    string, which is not part of the text. Text that might begin a stop string is held back until
+    it is clear that it does not; `finish` returns what is left at the end."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop = stop
+        self.longest_stop = max((len(s) for s in stop), default=0)
+        self.held = ""
+        self.stopped = False
+
+    def push(self, tid: int) -> str:
+        if self.stopped:
+            return ""
+        self.held += self.decoder.push(tid)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.held += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [self.held.find(s) for s in self.stop if s in self.held]
+        if hits:
+            self.stopped = True
+            out, self.held = self.held[: min(hits)], ""
+            return out
+        keep = 0 if final or not self.stop else self.longest_stop - 1
+        cut = max(0, len(self.held) - keep)
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
 
 
 def generate_text(

@@ -47,22 +47,9 @@ class CausalSelfAttention(nn.Module):
             # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            y = self._attend_with_cache(qkv.view(B, T, 3, self.n_head, C // self.n_head), cache)
+            y = cache.attend(self.layer, qkv.view(B, T, 3, self.n_head, C // self.n_head))
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-    def _attend_with_cache(self, qkv: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        past, T = cache.length, qkv.shape[1]
-        k, v = cache.append(self.layer, qkv[:, :, 1:])
-        q = qkv[:, :, 0].transpose(1, 2).to(k.dtype)
-        mask, is_causal = None, True
-        if past > 0:
-            # New queries sit at positions past..past+T-1 and may see every key up to their own.
-            is_causal = False
-            if T > 1:
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=qkv.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        return y.to(qkv.dtype)
 
 
 class MLP(nn.Module):
@@ -134,15 +121,17 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The last layer's hidden state at every position: [batch, time, n_embd]."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+        else:
+            pos = cache.positions(B, T, idx.device)  # [T], or [B, T] when sequences differ in length
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
         return x
@@ -205,6 +194,15 @@ class ParamBreakdown:
         return dict(self.__dict__)
 
 
+def attend(qkv: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The new queries of qkv [B, T, 3, H, D] over cached keys and values [B, time, 2, H, D], in the
+    cache's dtype; mask None: the queries see every key, or are the first tokens (causal)."""
+    q = qkv[:, :, 0].transpose(1, 2).to(keys.dtype)
+    k, v = keys[:, :, 0].transpose(1, 2), keys[:, :, 1].transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
+    return y.to(qkv.dtype)
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so each new token costs one step.
 
@@ -220,18 +218,110 @@ class KVCache:
         self.dtype = dtype
         self.length = 0
         self.kv: list[torch.Tensor | None] = [None] * n_layer
+        self._mask: torch.Tensor | None = None
 
-    def append(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store kv [B, T, 2, H, D] after the cached tokens; return all keys and values [B, H, time, D]."""
-        B, T, _, H, D = kv.shape
-        if self.kv[layer] is None:
-            self.kv[layer] = kv.new_zeros(B, self.max_len, 2, H, D, dtype=self.dtype or kv.dtype)
+    def positions(self, batch: int, T: int, device: torch.device) -> torch.Tensor:
         end = self.length + T
         if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens > context {self.max_len}")
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.max_len}")
+        # New queries sit at positions length..end-1 and may see every key up to their own: one
+        # boolean mask for all layers. A single query sees everything, and the first tokens are
+        # plainly causal, so neither needs one.
+        past = self.length
+        self._mask = (torch.ones(T, end, dtype=torch.bool, device=device).tril(diagonal=past)
+                      if past > 0 and T > 1 else None)
+        return torch.arange(past, end, device=device)
+
+    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Store the new keys and values of qkv [B, T, 3, H, D] after the cached tokens; return the new
+        queries' attention over all of them, [B, H, T, D]."""
+        B, T, _, H, D = qkv.shape
+        if self.kv[layer] is None:
+            self.kv[layer] = qkv.new_zeros(B, self.max_len, 2, H, D, dtype=self.dtype or qkv.dtype)
+        end = self.length + T
         buf = self.kv[layer]
-        buf[:, self.length : end] = kv
-        return buf[:, :end, 0].transpose(1, 2), buf[:, :end, 1].transpose(1, 2)
+        buf[:, self.length : end] = qkv[:, :, 1:]
+        return attend(qkv, buf[:, :end], self._mask)
+
+    def advance(self, T: int) -> None:
+        self.length += T
 
     def reset(self) -> None:
         self.length = 0
+
+
+class SlotKVCache:
+    """The KV cache of continuous batching: one row ("slot") per sequence, each with its own length,
+    so sequences that started at different times decode together in one forward pass.
+
+    Two kinds of forward use it. After `prefill(row)`, one sequence's new tokens ([1, T]) go into
+    that row, exactly as KVCache stores them. Otherwise rows 0..B-1 each take one token ([B, 1]) at
+    their own position; the caller keeps the running sequences in the first rows (`move` fills a
+    finished row's gap).
+
+    A row attends over its own keys only (a [B, 1, 1, time] mask hides the longer rows' tail).
+    Batched rows round a little differently from a sequence decoded alone (the matrix kernels
+    differ with the batch; in bf16 up to ~0.01 in a logit), so the server's tests check that greedy
+    answers agree, and its benchmark counts how often they do.
+    """
+
+    def __init__(self, n_layer: int, max_len: int, slots: int, dtype: torch.dtype | None = None):
+        self.max_len = max_len
+        self.slots = slots
+        self.dtype = dtype
+        self.lengths = [0] * slots
+        self.kv: list[torch.Tensor | None] = [None] * n_layer
+        self._row: int | None = None  # the row of the next prefill
+        self._rows = 0  # rows of the current batched step
+        self._mask: torch.Tensor | None = None  # which keys each new query sees (None: causal)
+
+    def prefill(self, row: int) -> None:
+        """The next forward feeds `row` alone: a prompt, or the window kept after a slide."""
+        self._row = row
+
+    def positions(self, batch: int, T: int, device: torch.device) -> torch.Tensor:
+        if self._row is not None:
+            start, end = self.lengths[self._row], self.lengths[self._row] + T
+            if batch != 1 or end > self.max_len:
+                raise ValueError(f"a prefill feeds one sequence of at most {self.max_len} tokens")
+            self._mask = torch.ones(T, end, dtype=torch.bool, device=device).tril(diagonal=start) if start else None
+            return torch.arange(start, end, device=device)
+        if T != 1 or batch > self.slots or any(n >= self.max_len for n in self.lengths[:batch]):
+            raise ValueError("a batched step feeds one token to each of the first rows, inside the context")
+        self._rows = batch
+        lengths = torch.tensor(self.lengths[:batch], device=device)
+        self._mask = (torch.arange(max(self.lengths[:batch]) + 1, device=device) <= lengths[:, None])[:, None, None]
+        return lengths[:, None]
+
+    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        B, T, _, H, D = qkv.shape
+        if self.kv[layer] is None:
+            self.kv[layer] = qkv.new_zeros(self.slots, self.max_len, 2, H, D, dtype=self.dtype or qkv.dtype)
+        buf = self.kv[layer]
+        if self._row is not None:
+            row, start = self._row, self.lengths[self._row]
+            buf[row, start : start + T] = qkv[0, :, 1:]
+            return attend(qkv, buf[row : row + 1, : start + T], self._mask)
+        rows = torch.arange(B, device=qkv.device)
+        buf[rows, self._mask.new_tensor(self.lengths[:B], dtype=torch.long)] = qkv[:, 0, 1:].to(buf.dtype)
+        return attend(qkv, buf[:B, : self._mask.shape[-1]], self._mask)
+
+    def advance(self, T: int) -> None:
+        if self._row is not None:
+            self.lengths[self._row] += T
+            self._row = None
+        else:
+            for row in range(self._rows):
+                self.lengths[row] += 1
+
+    def clear(self, row: int) -> None:
+        """Forget `row`'s tokens (a new sequence, or a slid window, is prefilled next)."""
+        self.lengths[row] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Put row `src`'s sequence in row `dst` (keeping the running rows first)."""
+        n = self.lengths[src]
+        for buf in self.kv:
+            if buf is not None:
+                buf[dst, :n] = buf[src, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
