@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmarks: peak memory, the shared data folder, JSON output."""
+"""Helpers shared by the benchmarks: the CPU model, peak memory, the shared data folder, JSON output."""
 
 import json
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,3 +18,15 @@ def peak_rss_mb() -> float:
 
 def emit(result: dict) -> None:
     print(json.dumps(result))
+
+
+def cpu_model() -> str:
+    """lscpu's model name: machines differ (Zen 4 and Zen 5 run bf16 ~1.7x apart), so every result names it."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"

@@ -164,7 +164,7 @@ def test_device_and_dtype_are_declared_once():
 def test_weights_is_declared_once():
     parsers = subcommands(build_parser())
     helps = {cmd: a.help for cmd, p in parsers.items() for a in p._actions if "--weights" in a.option_strings}
-    assert set(helps) == {"generate", "eval", "score"}
+    assert set(helps) == {"generate", "chat", "serve", "eval", "score"}
     assert set(helps.values()) == {field_help(runtime_field("weights"))}
 
 

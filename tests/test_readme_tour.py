@@ -36,6 +36,8 @@ SKIP = {
     "python -m pytest": "the test suite itself",
     "runs/gpt2": "made by the Hugging Face import of a user's folder above",
     "hf/gpt2": "made by the export of the run above",
+    "slm serve --run": "a server runs until Ctrl-C; tests/test_serve.py starts one and runs the README's examples",
+    "127.0.0.1:8000": "requests to the server above: tests/test_serve.py runs them against its own server",
 }
 
 

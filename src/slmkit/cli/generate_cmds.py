@@ -42,6 +42,10 @@ def generation_config(args: argparse.Namespace, weights: str = "auto"):
 def cmd_generate(args: argparse.Namespace) -> None:
     from slmkit.generate import generate_stream
 
+    if args.interactive:
+        from slmkit.cli.chat_cmds import cmd_generate_interactive  # slm chat's loop, without the chat template
+
+        return cmd_generate_interactive(args)
     gen = generation_config(args, runtime(args, "weights"))  # bad settings fail before the model loads
     lm = _load(args)
     prompt = read_text_file(args.prompt_file) if args.prompt_file else args.prompt
@@ -119,6 +123,9 @@ def _build_generate(p: Parser) -> None:
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--prompt-file", help="read the prompt from a file ('-' = stdin)")
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
+    p.add_argument("--interactive", action="store_true",
+                   help="a prompt loop: each line typed is appended to the text so far, which is then continued "
+                        "(slm chat's loop and /commands, without its chat template)")
     add_dataclass_flags(p, GenerationConfig, GENERATION, "sampling (the defaults of LanguageModel.generate too)")
     p.set_defaults(func=cmd_generate)
 
