@@ -37,8 +37,9 @@ def train_tiny_run(folder: Path, iters: int = 60) -> Path:
 
 
 class ServerProcess:
-    def __init__(self, proc: subprocess.Popen, base: str, log: Path):
+    def __init__(self, proc: subprocess.Popen, base: str, log: Path, run: Path):
         self.proc, self.base, self.log = proc, base, log
+        self.run, self.name = run, run.name  # the first run served, and its model name
 
     def health(self) -> dict:
         return httpx.get(f"{self.base}/health", timeout=10).json()
@@ -59,7 +60,7 @@ def serve(*runs: Path, args: tuple[str, ...] = (), log_dir: Path):
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
         base = _wait_for_port(proc, log)
-        yield ServerProcess(proc, base, log)
+        yield ServerProcess(proc, base, log, Path(runs[0]))
     finally:
         proc.terminate()
         try:
