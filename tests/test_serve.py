@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from serve_helpers import serve, train_tiny_run  # noqa: E402
 
 import slmkit  # noqa: E402
 from slmkit.generate import GenerationConfig, generate_ids  # noqa: E402
-from slmkit.serve.engine import Engine, Finished, Sequence, Token  # noqa: E402
+from slmkit.serve.engine import EngineLoop, Finished, Sequence, Token  # noqa: E402
 
 KEY = "test-key"
 MODEL = "tiny-shakespeare"
@@ -271,7 +272,10 @@ def test_the_engine_batches_sequences_that_join_at_different_times_and_slide(lm)
         if sum(isinstance(e, Finished) for evs in events.values() for e in evs) == len(PROMPTS):
             done.set()
 
-    engine = Engine(lm.model, torch.device("cpu"), torch.float32, "auto", None, lm.tokenizer.vocab_size, 4, deliver)
+    loop = EngineLoop()
+    engine = loop.engine(lm.model, torch.device("cpu"), torch.float32, "auto", None, lm.tokenizer.vocab_size, 4,
+                         deliver)
+    thread = loop.run_in_thread()
     try:
         lengths = [70, 15, 90, 40, 5, 55]
         for tag, (prompt, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
@@ -279,7 +283,8 @@ def test_the_engine_batches_sequences_that_join_at_different_times_and_slide(lm)
             engine.submit(Sequence(lm.tokenizer.encode(prompt), gen, tag=tag))
         assert done.wait(60)
     finally:
-        engine.close()
+        loop.stop()
+        thread.join(10)
     for tag, (prompt, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
         got = [e.id for e in events[tag] if isinstance(e, Token)]
         gen = GenerationConfig(max_new_tokens=n, temperature=0, top_k=0)
@@ -333,3 +338,16 @@ def test_the_readmes_python_example_works(server):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "CompletionUsage" in out.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_the_server_cleanly_mid_stream(run, tmp_path, sig):
+    with serve(run, args=("--max-tokens-limit", "100000"), log_dir=tmp_path) as s:
+        body = {"prompt": "the", "max_tokens": 100000, "stream": True}
+        with httpx.stream("POST", f"{s.base}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            s.proc.send_signal(sig)
+            assert s.proc.wait(timeout=20) == 0
+    log = s.log.read_text()
+    assert "Traceback" not in log and log.splitlines()[-1] == "stopping"

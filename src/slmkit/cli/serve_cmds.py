@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import threading
 
 from slmkit.cli.flags import Parser, add_dataclass_flags, add_runtime_flags, given, runtime
 from slmkit.errors import UserError
@@ -21,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     require_extra()
     for run in args.run:
         refuse_finetuned(run, args.checkpoint)
-    from slmkit.serve.app import Server, create_app, load_served
+    from slmkit.serve.app import load_served
 
     served = load_served(args.run, args.checkpoint, runtime(args, "device"), runtime(args, "dtype"),
                          runtime(args, "weights"))
@@ -31,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     names = ", ".join(repr(m.name) for m in served)
     print(f"serving {names} at http://{shown}:{port}/ (playground) and http://{shown}:{port}/v1 (OpenAI API); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
-    _run(create_app(Server(served, options)), sock, options.access_log)
+    _run(served, options, sock)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -48,12 +49,28 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(app, sock: socket.socket, access_log: bool) -> None:
+def _run(served, options, sock: socket.socket) -> None:
+    """HTTP in a thread of its own; every model's decoding in this (the main) thread, where the
+    models were loaded (slmkit.serve.engine says why). Ctrl-C or SIGTERM stops both."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
-                            timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    from slmkit.serve.app import Server, create_app
+    from slmkit.serve.engine import EngineLoop
+
+    engines = EngineLoop()
+    app = create_app(Server(served, options, engines))
+    config = uvicorn.Config(app, log_level="info" if options.access_log else "warning",
+                            access_log=options.access_log, timeout_graceful_shutdown=3)
+    http = uvicorn.Server(config)
+    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="slmkit-http", daemon=True)
+    thread.start()
+    try:
+        engines.run(alive=thread.is_alive)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr, flush=True)
+    finally:
+        http.should_exit = True
+        thread.join(timeout=10)
 
 
 def _build_serve(p: Parser) -> None:

@@ -26,7 +26,7 @@ from slmkit.chat import TURN_STOPS, render_chat
 from slmkit.errors import UserError
 from slmkit.generate import GenerationConfig, TextStream
 from slmkit.serve import ServeOptions
-from slmkit.serve.engine import Engine, Event, PromptLogprobs, Sequence, Token
+from slmkit.serve.engine import Engine, EngineLoop, Event, PromptLogprobs, Sequence, Token
 from slmkit.serve.protocol import (
     MAX_PROMPTS,
     ApiError,
@@ -158,28 +158,25 @@ def dispatch(batch: list[tuple[Sequence, Event]]) -> None:
 
 
 class Server:
-    def __init__(self, models: list[ServedModel], options: ServeOptions):
+    """The served models, each with its engine in `engines` (an EngineLoop the caller runs), and the
+    limits of `options`."""
+
+    def __init__(self, models: list[ServedModel], options: ServeOptions, engines: EngineLoop):
         self.models = {m.name: m for m in models}
         self.options = options
         self.in_flight = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def start_engines(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        loop = self.loop
-
-        def deliver(batch: list[tuple[Sequence, Event]]) -> None:
-            loop.call_soon_threadsafe(dispatch, batch)
-
-        for m in self.models.values():
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop, once the app has started
+        for m in models:
             lm = m.lm
-            m.engine = Engine(lm.model, lm.device, lm.dtype, lm.weights, lm.tokenizer.special.get("eot"),
-                              lm.tokenizer.vocab_size, self.options.max_batch, deliver)
+            m.engine = engines.engine(lm.model, lm.device, lm.dtype, lm.weights, lm.tokenizer.special.get("eot"),
+                                      lm.tokenizer.vocab_size, options.max_batch, self.deliver)
 
-    def close_engines(self) -> None:
-        for m in self.models.values():
-            if m.engine is not None:
-                m.engine.close()
+    def started(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    def deliver(self, batch: list[tuple[Sequence, Event]]) -> None:
+        """From the engines' thread: hand the events to the event loop."""
+        self.loop.call_soon_threadsafe(dispatch, batch)
 
     # ---------------------------------------------------------------- request plumbing
 
@@ -252,8 +249,7 @@ class Server:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None,
-                  on_startup=[server.start_engines], on_shutdown=[server.close_engines])
+    app = FastAPI(title="slmkit", docs_url=None, redoc_url=None, openapi_url=None, on_startup=[server.started])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
