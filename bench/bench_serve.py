@@ -12,8 +12,8 @@ one at a time and then all together: how many answers are identical.
 
 Soak: `--clients` workers send a mix of streaming, non-streaming, chat and malformed requests for
 --soak seconds. Every answer is checked: no 5xx, every stream ends with [DONE] and a finish
-reason, every bad request gets its 4xx; the server's resident memory is sampled each second and
-the first minute's mean compared with the last minute's.
+reason, every bad request gets its 4xx; the server's resident memory is sampled each second, and
+its value after the first minute (warm-up) is compared with its value at the end.
 
 The load generator is an asyncio httpx client in this process; it shares the machine's cores with
 the server, as a local user's client would.
@@ -146,8 +146,10 @@ async def agreement(base: str, prompts: int, max_tokens: int) -> dict:
     async with httpx.AsyncClient(timeout=300) as client:
         alone = [await ask(client, i) for i in range(prompts)]
         together = await asyncio.gather(*(ask(client, i) for i in range(prompts)))
-    return {"greedy_prompts": prompts, "identical_alone_and_batched": sum(a == b for a, b in
-                                                                          zip(alone, together, strict=True))}
+    differ = [next(i for i, (x, y) in enumerate(zip(a + "\0", b + "\1", strict=False)) if x != y)
+              for a, b in zip(alone, together, strict=True) if a != b]
+    return {"greedy_prompts": prompts, "identical_alone_and_batched": prompts - len(differ),
+            "first_difference_at_token": differ}
 
 
 BAD_REQUESTS = [
@@ -210,12 +212,14 @@ async def soak(server: Server, clients: int, seconds: float) -> dict:
 
     async with httpx.AsyncClient(timeout=120) as client:
         await asyncio.gather(sample_memory(), *(worker(i, client) for i in range(clients)))
+    # The first minute includes warm-up (the allocator growing to the working set); flat means the
+    # memory at its end is the memory at the end of the run.
     minute = min(60.0, seconds / 2)
-    first = [m for t, m in rss if t <= minute]
-    last = [m for t, m in rss if t >= seconds - minute]
+    after_first = [m for t, m in rss if t <= minute][-1]
     return {"seconds": seconds, "requests": counts, "status_5xx": status_5xx, "problems": len(problems),
-            "first_problems": problems[:5], "rss_mb_first_minute": round(statistics.mean(first), 1),
-            "rss_mb_last_minute": round(statistics.mean(last), 1), "rss_mb_max": round(max(m for _, m in rss), 1)}
+            "first_problems": problems[:5], "rss_mb_after_first_minute": round(after_first, 1),
+            "rss_mb_at_end": round(rss[-1][1], 1), "rss_mb_max": round(max(m for _, m in rss), 1),
+            "rss_mb_every_20s": [round(m) for t, m in rss if int(t) % 20 == 0]}
 
 
 def main() -> None:
@@ -227,11 +231,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--agree", type=int, default=16, help="greedy prompts compared alone and batched; 0 = skip")
     ap.add_argument("--soak", type=float, default=0, help="seconds of mixed traffic instead of the throughput test")
+    ap.add_argument("--dtype", default="auto", help="the server's --dtype")
     args = ap.parse_args()
     result = {"bench": "serve", "cpu": cpu_model(), "cores": os.cpu_count(), "run": args.run,
-              "clients": args.clients}
+              "clients": args.clients, "dtype": args.dtype}
     if args.soak:
-        server = Server(args.run)
+        server = Server(args.run, "--dtype", args.dtype)
         try:
             log(f"soak: {args.soak:.0f} s of mixed traffic from {args.clients} clients")
             result["soak"] = asyncio.run(soak(server, args.clients, args.soak))
@@ -241,7 +246,7 @@ def main() -> None:
         return
     result.update(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
     for name, flags in (("batching", ("--max-batch", "16")), ("no_batching", ("--max-batch", "1"))):
-        server = Server(args.run, *flags)
+        server = Server(args.run, "--dtype", args.dtype, *flags)
         try:
             asyncio.run(throughput(server.base, 2, 3, args.prompt_tokens, 16))  # warm up
             if name == "batching" and args.agree:

@@ -59,7 +59,7 @@ class Choice:
     """One choice of a response: its tokens turned into text and log-probabilities as they come."""
 
     def __init__(self, index: int, seq: Sequence, lm: LanguageModel, stops: tuple[str, ...], reply: bool):
-        self.index, self.seq, self.lm = index, seq, lm
+        self.index, self.seq = index, seq
         self.text = TextStream(lm.tokenizer, stops)
         self.reply = reply  # a chat reply: leading whitespace after "Assistant:" is not part of it
         self.started = False
@@ -106,9 +106,8 @@ class Choice:
 class Job:
     """A request's choices and the queue their events arrive in."""
 
-    def __init__(self, served: ServedModel, loop: asyncio.AbstractEventLoop):
+    def __init__(self, served: ServedModel):
         self.served = served
-        self.loop = loop
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.choices: list[Choice] = []
         self.prompt_tokens = 0
@@ -310,7 +309,7 @@ async def _completions(server: Server, request: Request, req: CompletionRequest)
         raise ApiError(400, "best_of is not supported (other than equal to n)", "best_of")
     if req.suffix:
         raise ApiError(400, "suffix is not supported", "suffix")
-    job = Job(served, server.loop)
+    job = Job(served)
     stops = stop_strings(req.stop)
     prompts = _prompts(req.prompt)
     texts = []
@@ -381,7 +380,7 @@ async def _chat(server: Server, request: Request, req: ChatRequest) -> Response:
         prompt = render_chat(messages)
     except UserError as exc:
         raise ApiError(400, str(exc), "messages") from None
-    job = Job(served, server.loop)
+    job = Job(served)
     ids = server.prompt_ids(served, prompt)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     server.sequences(job, ids, req, max_tokens, logprobs, False, stop_strings(req.stop) + TURN_STOPS, reply=True)
