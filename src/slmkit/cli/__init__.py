@@ -4,6 +4,7 @@
     generate_cmds  generate, eval, score            (GenerationConfig's settings)
     chat_cmds      chat, generate --interactive     (an interactive loop; GenerationConfig's settings)
     finetune_cmds  finetune, predict, evaluate      (FinetuneConfig's settings)
+    zeroshot_cmds  zeroshot                         (GPT-1 section 5's zero-shot rules; no settings dataclass)
     serve_cmds     serve                            (ServeOptions' settings)
     interop_cmds   import, export
     sweep_cmds     sweep, sweep report              (SweepOptions, and RunConfig's settings)
@@ -19,7 +20,16 @@ import argparse
 import re
 import sys
 
-from slmkit.cli import chat_cmds, finetune_cmds, generate_cmds, interop_cmds, serve_cmds, sweep_cmds, train_cmds
+from slmkit.cli import (
+    chat_cmds,
+    finetune_cmds,
+    generate_cmds,
+    interop_cmds,
+    serve_cmds,
+    sweep_cmds,
+    train_cmds,
+    zeroshot_cmds,
+)
 from slmkit.cli.flags import Parser, add_config_flags, config_flags
 from slmkit.errors import UserError
 
@@ -28,7 +38,8 @@ __all__ = ["build_parser", "main", "add_config_flags", "config_flags"]
 # In the order `slm --help` lists them: pre-training, using a model, inspecting, fine-tuning, interop, sweeps.
 REGISTERS = (
     train_cmds.register, generate_cmds.register, chat_cmds.register, serve_cmds.register,
-    train_cmds.register_inspection, finetune_cmds.register, interop_cmds.register, sweep_cmds.register,
+    train_cmds.register_inspection, finetune_cmds.register, zeroshot_cmds.register,
+    interop_cmds.register, sweep_cmds.register,
 )
 
 
