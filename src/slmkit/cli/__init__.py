@@ -6,7 +6,7 @@
     finetune_cmds  finetune, predict, evaluate      (FinetuneConfig's settings)
     zeroshot_cmds  zeroshot                         (GPT-1 section 5's zero-shot rules; no settings dataclass)
     serve_cmds     serve                            (ServeOptions' settings)
-    interop_cmds   import, export
+    interop_cmds   import, export, card
     sweep_cmds     sweep, sweep report              (SweepOptions, and RunConfig's settings)
 
 Every settings flag is generated from its dataclass by `flags` (help, default, choices, aliases), and

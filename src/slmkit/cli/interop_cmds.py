@@ -1,4 +1,5 @@
-"""`slm import` and `slm export`: GPT-1 / GPT-2 weights in and out (the original release, Hugging Face)."""
+"""`slm import` and `slm export`: GPT-1 / GPT-2 weights in and out (the original release, Hugging Face);
+`slm card`: the model card an export writes, printed for a run."""
 
 from __future__ import annotations
 
@@ -32,9 +33,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     from slmkit.interop.hf import export_hf
 
     out = export_hf(args.run, args.out_dir, which=args.checkpoint, with_tokenizer=not args.no_tokenizer,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, card_datasets=args.card_dataset)
     print(f"exported {args.run} -> {out} (Hugging Face format: config.json, model.safetensors"
-          f"{'' if args.no_tokenizer else ', tokenizer files'})")
+          f"{'' if args.no_tokenizer else ', tokenizer files'}, README.md model card)")
+
+
+def cmd_card(args: argparse.Namespace) -> None:
+    from slmkit.interop.card import model_card
+
+    print(model_card(args.run, args.checkpoint, args.card_dataset), end="")
+
+
+def _add_card_dataset(p: Parser) -> None:
+    p.add_argument("--card-dataset", action="append", default=[], metavar="NAME",
+                   help="a dataset the model was trained on, listed under `datasets` in the model card "
+                        "(repeatable; e.g. a Hub dataset id)")
 
 
 def _build_import(p: Parser) -> None:
@@ -56,7 +69,14 @@ def _build_export(p: Parser) -> None:
                    help="weights and config only (needed for character-level tokenizers, which HF cannot represent)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in --out-dir (only files slmkit wrote; others are kept)")
+    _add_card_dataset(p)
     p.set_defaults(func=cmd_export)
+
+
+def _build_card(p: Parser) -> None:
+    add_model_source(p)
+    _add_card_dataset(p)
+    p.set_defaults(func=cmd_card)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,3 +84,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pre-trained GPT-1 / GPT-2 weights (original release or Hugging Face) -> run directory")
     sub.add_parser("export", build=_build_export,
                    help="run directory -> Hugging Face directory (gpt2 for pre-LN, openai-gpt for post-LN)")
+    sub.add_parser("card", build=_build_card,
+                   help="print a run's model card (the README.md that slm export writes), markdown on stdout")

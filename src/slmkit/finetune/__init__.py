@@ -9,7 +9,7 @@ Fine-tuned checkpoints keep their tokenizer as the "with-specials" kind (a vocab
 start / delimiter / extract tokens), which `slmkit.tokenizers` reads like any other kind.
 """
 
-from slmkit.finetune.heads import FineTuneModel, add_special_tokens, resize_token_embeddings
+from slmkit.finetune.heads import FineTuneModel, add_special_tokens, resize_token_embeddings, transfer_layers
 from slmkit.finetune.loop import FinetuneConfig, FineTuned, FinetuneResult, finetune
 from slmkit.finetune.tasks import TASKS, Example, TaskSpec, get_task, read_examples, spec_from_flags
 from slmkit.finetune.transforms import collate, encode_example, encode_examples
@@ -18,5 +18,5 @@ from slmkit.tokenizers import WithSpecialsTokenizer
 __all__ = [
     "TASKS", "Example", "FineTuneModel", "FineTuned", "FinetuneConfig", "FinetuneResult", "TaskSpec",
     "WithSpecialsTokenizer", "add_special_tokens", "collate", "encode_example", "encode_examples", "finetune",
-    "get_task", "read_examples", "resize_token_embeddings", "spec_from_flags",
+    "get_task", "read_examples", "resize_token_embeddings", "spec_from_flags", "transfer_layers",
 ]

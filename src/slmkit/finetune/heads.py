@@ -53,6 +53,32 @@ def resize_token_embeddings(model: GPT, new_size: int, generator: torch.Generato
     model.config.vocab_size = new_size
 
 
+def transfer_layers(model: GPT, n: int, seed: int) -> None:
+    """Keep the embeddings and blocks 0..n-1 of a pre-trained `model`; blocks n.. become exactly what
+    fresh training with `seed` puts there: a new GPT of the same config, built after
+    torch.manual_seed(seed) as `slm train` (and --random-init) builds it, lends its blocks.
+
+    Call it before the vocabulary grows: a fresh GPT's blocks depend on the random numbers its
+    embeddings drew first. The final layer norm of a pre-LN model is kept: like the embeddings it is
+    part of the input / output interface (the tied LM head reads through it), not a transformer
+    block. The global random state is left as it was, so the head that follows is initialised as
+    with every layer transferred.
+    """
+    n_layer = model.config.n_layer
+    if not 0 <= n <= n_layer:
+        raise UserError(f"--transfer-layers must be in 0..{n_layer} (the pre-trained model has n_layer "
+                        f"{n_layer}), got {n}")
+    if n == n_layer:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            fresh = GPT(model.config)
+    with torch.no_grad():
+        for i in range(n, n_layer):
+            model.transformer.h[i].load_state_dict(fresh.transformer.h[i].state_dict())
+
+
 def add_special_tokens(model: GPT, tokenizer: Tokenizer, seed: int = 0) -> Tokenizer:
     """Make sure the vocabulary has start / delim / extract; grow the model when it does not.
 

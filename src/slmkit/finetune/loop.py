@@ -36,7 +36,7 @@ from slmkit.fileio import (
     user_entries,
 )
 from slmkit.finetune import metrics as M
-from slmkit.finetune.heads import FineTuneModel, add_special_tokens
+from slmkit.finetune.heads import FineTuneModel, add_special_tokens, transfer_layers
 from slmkit.finetune.tasks import Example, TaskSpec, read_examples
 from slmkit.finetune.transforms import Encoded, collate, encode_examples
 from slmkit.model import GPT
@@ -70,6 +70,10 @@ class FinetuneConfig:
     dropout: float = option(-1.0, "transformer dropout; negative = keep the pre-trained model's")
     random_init: bool = option(False, "same architecture and vocabulary, random weights (the no-pre-training "
                                       "baseline)")
+    transfer_layers: int | None = option(
+        None, "transfer the token and position embeddings and the first N transformer blocks; the other blocks "
+              "are re-initialised as fresh training (same seed) initialises them, GPT-1 Fig. 2; 0..n_layer, "
+              "unset = all of them", metavar="N")
     seed: int = option(0, "random seed (head init, shuffling, dropout)")
     eval_batch_size: int = option(64, "examples per evaluation batch")
     log_interval: int = option(10, "log the training loss every N steps", cli=False)
@@ -103,6 +107,21 @@ class FinetuneConfig:
             raise UserError("dropout rates must be below 1")
         if self.max_len < 0 or self.max_train < 0 or self.eval_batch_size <= 0 or self.log_interval <= 0:
             raise UserError("--max-len and --max-train must not be negative; batch sizes and intervals positive")
+        n = self.transfer_layers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+            raise UserError(f"--transfer-layers must be a whole number of layers, got {n!r}")
+        if n is not None and self.random_init:
+            raise UserError("--transfer-layers keeps pre-trained layers and --random-init keeps none: give one of them")
+
+    def layers_transferred(self, n_layer: int) -> int | None:
+        """How many pre-trained blocks this fine-tune keeps (None: --random-init, nothing is transferred)."""
+        if self.random_init:
+            return None
+        n = n_layer if self.transfer_layers is None else self.transfer_layers
+        if not 0 <= n <= n_layer:
+            raise UserError(f"--transfer-layers must be in 0..{n_layer} (the pre-trained model has n_layer "
+                            f"{n_layer}), got {n}")
+        return n
 
 
 # ----------------------------------------------------------------------------- loading
@@ -114,14 +133,18 @@ def _load_source(source: str | Path) -> Checkpoint:
 
 def build_for_finetuning(ckpt: Checkpoint, spec: TaskSpec, cfg: FinetuneConfig) -> tuple[FineTuneModel, Tokenizer]:
     """The GPT from a checkpoint (or, with random_init, its architecture afresh), grown by the
-    special tokens where its vocabulary lacks them, with a new head for `spec`."""
+    special tokens where its vocabulary lacks them, with a new head for `spec`. With
+    cfg.transfer_layers = N below n_layer, blocks N.. are re-initialised (see transfer_layers)."""
     from slmkit.checkpoint import build_model
 
     mcfg = ckpt.config.model
+    keep = cfg.layers_transferred(mcfg.n_layer)  # a bad N fails before any model is built
     if cfg.dropout >= 0:
         mcfg.dropout = cfg.dropout
     torch.manual_seed(cfg.seed)
     gpt = GPT(mcfg) if cfg.random_init else build_model(ckpt)
+    if keep is not None and keep < mcfg.n_layer:
+        transfer_layers(gpt, keep, cfg.seed)
     tokenizer = add_special_tokens(gpt, ckpt.tokenizer, seed=cfg.seed)
     model = FineTuneModel(gpt, spec, cfg.clf_dropout)
     return model, tokenizer
@@ -357,6 +380,7 @@ class _Job:
     dev: tuple[list[Example], list[Encoded]]
     test: tuple[list[Example], list[Encoded]] | None
     n_params: int
+    transferred: int | None = None  # pre-trained blocks kept (None: random init)
 
 
 def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_path: str | Path,
@@ -377,9 +401,16 @@ def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_pa
     dev = _load_split(spec, dev_path, tokenizer, max_len, log, "dev")
     test = _load_split(spec, test_path, tokenizer, max_len, log, "test") if test_path else None
     n_params = sum(p.numel() for p in model.parameters())
-    log.text(f"model: {n_params / 1e6:.2f}M parameters ({'random init' if cfg.random_init else ckpt.path}), "
+    n_layer = model.gpt.config.n_layer
+    transferred = cfg.layers_transferred(n_layer)
+    origin = "random init" if cfg.random_init else str(ckpt.path)
+    if transferred is not None and transferred < n_layer:
+        origin += (f"; transferred the embeddings and the first {transferred} of {n_layer} blocks, "
+                   f"re-initialised the rest with seed {cfg.seed}")
+    log.text(f"model: {n_params / 1e6:.2f}M parameters ({origin}), "
              f"{tokenizer.describe()}; task {spec.name} ({spec.family}), lambda {cfg.lm_coef}")
-    return _Job(spec, cfg, ckpt, model, tokenizer, device, dtype, max_len, train_enc, dev, test, n_params)
+    return _Job(spec, cfg, ckpt, model, tokenizer, device, dtype, max_len, train_enc, dev, test, n_params,
+                transferred)
 
 
 def finetune(
@@ -424,7 +455,7 @@ def _train(job: _Job, run_dir: Path, log: RunLog) -> FinetuneResult:
     info = {
         "spec": spec.to_dict(), "label_mapping": _label_mapping(spec), "lm_coef": cfg.lm_coef,
         "clf_dropout": cfg.clf_dropout, "max_len": job.max_len, "source": str(job.ckpt.path),
-        "config": asdict(cfg),
+        "transfer_layers": job.transferred, "config": asdict(cfg),
     }
     save_cfg = job.ckpt.config
     save_cfg.model.vocab_size = model.gpt.config.vocab_size
@@ -512,7 +543,8 @@ def _train(job: _Job, run_dir: Path, log: RunLog) -> FinetuneResult:
                "examples_per_s": round(result.examples_per_s, 1),
                "eval_examples_per_s": round(result.eval_examples_per_s, 1),
                "elapsed_s": round(result.elapsed, 1), "params": job.n_params, "config": asdict(cfg),
-               "source": str(job.ckpt.path)}
+               "source": str(job.ckpt.path), "transfer_layers": job.transferred,
+               "n_layer": job.model.gpt.config.n_layer}
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return result
 

@@ -2,8 +2,9 @@
 
 Import reads `config.json`, the weights (`model.safetensors`, a sharded safetensors index, or
 `pytorch_model.bin` with `weights_only=True`) and the tokenizer files, one tensor at a time, and
-writes an ordinary run directory. Export writes `config.json`, `model.safetensors` and the tokenizer
-files that `transformers.AutoModelForCausalLM` / `AutoTokenizer` load with no custom code.
+writes an ordinary run directory. Export writes `config.json`, `model.safetensors`, a model card
+(`README.md`) and the tokenizer files that `transformers.AutoModelForCausalLM` / `AutoTokenizer` load
+with no custom code.
 Neither direction needs `transformers` installed.
 
 HF's Conv1D stores [in, out]; our linear layers store [out, in]: the four projection matrices of
@@ -417,9 +418,12 @@ def hf_config_for(m: ModelConfig, tok: Tokenizer | None) -> dict[str, Any]:
 
 
 def export_hf(run: str | Path, out: str | Path, which: str = "best", with_tokenizer: bool = True,
-              overwrite: bool = False) -> Path:
-    """Write the run's model as a Hugging Face folder `out`; it appears only once complete, and with
-    `overwrite` only files an earlier export wrote there are replaced."""
+              overwrite: bool = False, card_datasets: list[str] | tuple[str, ...] = ()) -> Path:
+    """Write the run's model as a Hugging Face folder `out`, with its model card (README.md, see
+    `slmkit.interop.card`, which names `card_datasets` as the training data); it appears only once
+    complete, and with `overwrite` only files an earlier export wrote there are replaced."""
+    from slmkit.interop.card import CARD, model_card
+
     target = output_path(out)
     check_out(target, "export", overwrite)
     ckpt = load_checkpoint(find_checkpoint(run, which))
@@ -429,6 +433,7 @@ def export_hf(run: str | Path, out: str | Path, which: str = "best", with_tokeni
         raise UserError("a character-level tokenizer has no Hugging Face tokenizer class; export the weights "
                         "alone with --no-tokenizer and tokenize with slmkit")
     hf_cfg = hf_config_for(m, tok)
+    card = model_card(ckpt.path, which, card_datasets, with_tokenizer=with_tokenizer)
     state = ckpt.model_state()
     want = expected_shapes(m)
     if not m.bias:  # HF has no bias-free GPT-2: zero biases compute exactly the same function
@@ -451,6 +456,7 @@ def export_hf(run: str | Path, out: str | Path, which: str = "best", with_tokeni
         atomic_write_json(stage / "config.json", hf_cfg)
         if with_tokenizer:
             write_hf_tokenizer(tok, stage, m.block_size)
+        atomic_write_text(stage / CARD, card)
     return target
 
 
