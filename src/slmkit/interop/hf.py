@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import torch
 from slmkit.checkpoint import BEST, find_checkpoint, load_checkpoint
 from slmkit.config import ModelConfig, RunConfig, preset_config
 from slmkit.errors import UserError
-from slmkit.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json
+from slmkit.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json, read_marker
 from slmkit.interop.common import (
     check_out,
     check_shape,
@@ -422,7 +424,7 @@ def export_hf(run: str | Path, out: str | Path, which: str = "best", with_tokeni
     """Write the run's model as a Hugging Face folder `out`, with its model card (README.md, see
     `slmkit.interop.card`, which names `card_datasets` as the training data); it appears only once
     complete, and with `overwrite` only files an earlier export wrote there are replaced."""
-    from slmkit.interop.card import CARD, model_card
+    from slmkit.interop.card import model_card
 
     target = output_path(out)
     check_out(target, "export", overwrite)
@@ -456,8 +458,25 @@ def export_hf(run: str | Path, out: str | Path, which: str = "best", with_tokeni
         atomic_write_json(stage / "config.json", hf_cfg)
         if with_tokenizer:
             write_hf_tokenizer(tok, stage, m.block_size)
-        atomic_write_text(stage / CARD, card)
+        _stage_card(target, stage, card)
     return target
+
+
+def _stage_card(target: Path, stage: Path, card: str) -> None:
+    """The model card, unless `target` already has a README.md: a card is there to be edited (its
+    license, its datasets), so an existing one is never replaced. One an earlier export wrote goes
+    back unchanged (leaving it out would delete it with the rest of the old output); the user's own
+    is not staged at all."""
+    from slmkit.interop.card import CARD
+
+    existing = target / CARD
+    if not (existing.exists() or existing.is_symlink()):
+        atomic_write_text(stage / CARD, card)
+        return
+    if CARD in (read_marker(target) or {}).get("files", []) and existing.is_file() and not existing.is_symlink():
+        shutil.copy2(existing, stage / CARD)
+    print(f"note: kept the existing {existing} (it may hold your edits); slm card --run RUN prints a fresh card",
+          file=sys.stderr)
 
 
 def _with_bias(m: ModelConfig) -> ModelConfig:
