@@ -18,7 +18,6 @@ is respected. All candidates of one example share their context: it goes through
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from slmkit.errors import UserError
 from slmkit.finetune import metrics as M
-from slmkit.finetune.tasks import get_task, read_examples, spec_from_flags
+from slmkit.finetune.tasks import BAD_ROW, get_task, parse_rows, read_examples, read_text, spec_from_flags
 from slmkit.model import attend
 from slmkit.runtime import autocast
 
@@ -233,18 +232,10 @@ class Loaded:
 
 
 def _read_jsonl(path: str | Path, check: Callable[[dict], str | None]) -> tuple[list[tuple[int, dict]], list[str]]:
-    from slmkit.fileio import read_utf8
-
-    text = read_utf8(path, "data file").removeprefix("\ufeff")
+    text, source = read_text(path)
     rows, bad = [], []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        problem = "not a JSON object" if not isinstance(row, dict) else check(row)
+    for i, row in parse_rows(text, "jsonl", source):
+        problem = row.get(BAD_ROW) or check(row)
         if problem:
             bad.append(f"{path}:{i}: {problem}")
         else:

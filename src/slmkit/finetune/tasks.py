@@ -244,8 +244,13 @@ class ReadResult:
         return f"skipped {len(self.bad)} malformed row(s): {first}{more}"
 
 
-def _rows(text: str, fmt: str, source: str) -> list[tuple[int, Any]]:
-    """(line number, row) pairs; a row is a list of fields (tsv/csv) or a dict (jsonl)."""
+# parse_rows marks a JSONL line that is not an object with this key.
+BAD_ROW = "__bad__"
+
+
+def parse_rows(text: str, fmt: str, source: str) -> list[tuple[int, Any]]:
+    """(line number, row) pairs; a row is a list of fields (tsv/csv) or a dict (jsonl); a JSONL line
+    that is not an object becomes {BAD_ROW: reason}."""
     out: list[tuple[int, Any]] = []
     if fmt == "tsv":
         for i, line in enumerate(text.splitlines(), start=1):  # splitlines also eats CRLF
@@ -267,11 +272,12 @@ def _rows(text: str, fmt: str, source: str) -> list[tuple[int, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            out.append((i, row if isinstance(row, dict) else {"__bad__": "not a JSON object"}))
+            out.append((i, row if isinstance(row, dict) else {BAD_ROW: "not a JSON object"}))
     return out
 
 
-def _read_text(path: str | Path) -> tuple[str, str]:
+def read_text(path: str | Path) -> tuple[str, str]:
+    """A data file's text (without a BOM) and its name for messages."""
     text = read_utf8(path, "data file").removeprefix("\ufeff")  # spreadsheet exports start with a BOM
     return text, "<stdin>" if str(path) == "-" else str(path)
 
@@ -283,7 +289,7 @@ def read_examples(spec: TaskSpec, path: str | Path, require_label: bool = True,
     fmt="plain" reads one example per line with tab-separated fields in the order: segments, then
     choices, then (optionally) the label - the quick way to pipe new inputs into `slm predict`.
     """
-    text, source = _read_text(path)
+    text, source = read_text(path)
     fmt = fmt or spec.format
     if fmt == "plain":
         rows = [(i, ln.split("\t")) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
@@ -294,7 +300,7 @@ def read_examples(spec: TaskSpec, path: str | Path, require_label: bool = True,
                                  "choices": list(range(n_seg, n_seg + len(spec.choices))),
                                  "label": n_seg + len(spec.choices)})
         return _parse(plain_spec, rows, index, source, require_label)
-    rows = _rows(text, fmt, source)
+    rows = parse_rows(text, fmt, source)
     if not rows:
         raise UserError(f"{source} holds no rows")
     index = {}
@@ -318,7 +324,7 @@ def _parse(spec: TaskSpec, rows: list[tuple[int, Any]], index: dict, source: str
 
     def get(row: Any, col: str | int) -> str | None:
         if isinstance(row, dict):
-            if "__bad__" in row:
+            if BAD_ROW in row:
                 return None
             key = col if col in row else str(col)
             value = row.get(key)
@@ -327,8 +333,8 @@ def _parse(spec: TaskSpec, rows: list[tuple[int, Any]], index: dict, source: str
         return row[i] if 0 <= i < len(row) else None
 
     for line, row in rows:
-        if isinstance(row, dict) and "__bad__" in row:
-            bad.append(BadRow(line, row["__bad__"]))
+        if isinstance(row, dict) and BAD_ROW in row:
+            bad.append(BadRow(line, row[BAD_ROW]))
             continue
         problem = None
         segments: list[str] = []
