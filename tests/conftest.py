@@ -27,6 +27,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on a
+    shared 2-core machine, OpenMP threads spinning against other jobs make tiny models several times
+    slower than one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_corpus(tmp_path) -> Path:
     """About 20 KB of repetitive but learnable text."""
     lines = []

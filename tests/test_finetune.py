@@ -34,14 +34,7 @@ from slmkit.tokenizers import CharTokenizer, tokenizer_from_dict
 ALPHABET = list(" abcdefghijklmnopqrstuvwxyz.!?,'")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, OpenMP threads spinning against other jobs are
-    several times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_gpt(vocab: int, block: int = 48, seed: int = 0) -> GPT:

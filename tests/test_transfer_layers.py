@@ -24,12 +24,7 @@ N_LAYER = 3
 SPEC = spec_from_flags("toy", "classification", "tsv", "text", "label", labels="0,1")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pretrained(tmp_path, ln: str = "pre"):

@@ -19,13 +19,7 @@ from slmkit.model import GPT
 from slmkit.tokenizers import GPT1Tokenizer, GPT2Tokenizer
 from slmkit.zeroshot import Group, best_threshold, load_items, run_zeroshot, score_groups, split_group
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CORPUS = ("the film was very positive and the play was very negative . a good story , a bad end .\n"

@@ -27,12 +27,7 @@ ALPHABET = list(" abcdefghijklmnopqrstuvwxyz.!?,'")
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is fastest for a model this small
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
