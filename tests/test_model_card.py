@@ -97,15 +97,20 @@ def test_missing_metrics_are_left_out(runs, tmp_path):
     assert "Whole validation split" not in body and "final validation" not in body
 
 
-def test_zeroshot_records_are_included_as_recorded(runs, tmp_path):
+def test_the_last_zero_shot_probes_are_included(runs, tmp_path):
+    """`slm train --zeroshot` records: the card reports the probes of the last evaluation that has them."""
     run = tmp_path / "run"
     shutil.copytree(runs / "char", run)
     with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 20, "kind": "zeroshot", "task": "sst2", "accuracy": 0.625, "mcc": 0.1}) + "\n")
+        f.write(json.dumps({"step": 10, "val_loss": 3.0, "zeroshot/sst2": 0.5, "zeroshot/sst2/normalized": 0.0}) + "\n")
+        f.write(json.dumps({"step": 20, "val_loss": 2.9, "zeroshot/sst2": 0.625, "zeroshot/sst2/normalized": 0.3,
+                            "zeroshot/cola": 0.1, "zeroshot/cola/normalized": 0.22}) + "\n")
     front, body = split_card(model_card(run))
-    zs = [r for r in front["model-index"][0]["results"] if r["task"]["type"] == "zero-shot sst2"]
-    assert [(m["type"], m["value"]) for m in zs[0]["metrics"]] == [("accuracy", 0.625), ("mcc", 0.1)]
-    assert "Zero-shot `sst2`: accuracy 0.6250, mcc 0.1000" in body
+    got = {r["task"]["type"]: [(m["type"], m["value"]) for m in r["metrics"]]
+           for r in front["model-index"][0]["results"] if r["task"]["type"].startswith("zero-shot")}
+    assert got == {"zero-shot sst2": [("accuracy", 0.625)], "zero-shot cola": [("mcc", 0.1)]}
+    assert "Zero-shot `sst2` (GPT-1 section 5 rule, `slm train --zeroshot`) at step 20: accuracy 0.6250, " \
+           "normalised +0.300" in body
 
 
 def test_export_writes_the_card_and_still_loads(runs, tmp_path, capsys):

@@ -38,6 +38,12 @@ SKIP = {
     "hf/gpt2": "made by the export of the run above",
     "slm serve --run": "a server runs until Ctrl-C; tests/test_serve.py starts one and runs the README's examples",
     "127.0.0.1:8000": "requests to the server above: tests/test_serve.py runs them against its own server",
+    "lambada_openai": "lm-eval's standard tasks download their data from the Hugging Face Hub",
+    "--include-path my_tasks": "a user's own task folder (tests/test_lm_eval.py writes and runs such tasks offline)",
+    "python -m slmkit.evalharness": "lm_eval's own command line on a Hub task (downloads its data)",
+    "--nnodes 2": "multi-node training needs several machines",
+    "sweeps/big": "a sweep on a PostgreSQL server across several machines (tests/test_sweep_storage.py and "
+                  "tests/drills/test_drill_sweep_workers.py run sweeps on a real server)",
 }
 
 

@@ -22,6 +22,8 @@ from slmkit.options import option
 WEIGHT_FORMATS = ("auto", "int8")
 # The MLP activation: GPT-1/GPT-2's tanh approximation of GELU, or the exact (erf) one.
 GELU_FORMS = ("tanh", "exact")
+# Experiment trackers `--logger` may name, comma-separated (slmkit.tracking writes them; metrics.jsonl is always on).
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
 # Hard caps, far above any real model (GPT-3: 96 layers x 12,288 wide, 2,048 positions; the largest
 # vocabularies ~256k) yet low enough that a typo such as n_layer = 1e30 is a clear error instead of an
@@ -139,8 +141,13 @@ class DataConfig:
 
     dataset: str = _opt(
         "shakespeare",
-        "a named dataset (shakespeare, tinyshakespeare), a .txt file, or a folder of .txt files",
+        "a named dataset (shakespeare, tinyshakespeare), a .txt file, a folder of .txt files, a .jsonl/.json/.parquet "
+        "file (one document per record), .gz or .zst compressed, a quoted glob ('data/*.parquet'), hf:NAME[:CONFIG] "
+        "(the Hugging Face Hub), or a folder slm prepare wrote",
     )
+    text_field: str = _opt("text", "the field (JSON) or column (Parquet, hf:) that holds each document's text")
+    val_data: str = _opt("", "a separate validation corpus (any --dataset form but a prepared folder); "
+                             "replaces cutting --val-fraction off the end of the corpus")
     data_path: str = _opt("", "local copy of a named dataset's file (tinyshakespeare: input.txt)")
     tokenizer: str = _opt("char", "char, bpe (trained on the corpus), gpt2 or gpt1 (both need --vocab-dir)",
                           choices=("char", "bpe", "gpt2", "gpt1"))
@@ -156,6 +163,11 @@ class DataConfig:
         check_fields(self)
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.text_field.strip():
+            raise UserError("--text-field must name a field")
+        if self.val_data and _is_prepared(self.dataset):
+            raise UserError(f"--val-data goes with a text corpus: {self.dataset} is a prepared folder, whose "
+                            "validation split was fixed when it was prepared")
         if self.tokenizer == "bpe" and self.bpe_vocab_size < 260:
             raise UserError(f"bpe_vocab_size must be at least 260 (256 bytes + specials), got {self.bpe_vocab_size}")
 
@@ -224,6 +236,16 @@ class TrainConfig:
                               bounds=(0, MAX_SAMPLE_TOKENS))
     checkpoint_interval: int = _opt(0, "also save the last checkpoint every N steps; 0 = at each evaluation",
                                     bounds=(0, MAX_STEPS))
+    zeroshot: str = _opt("", "zero-shot tasks scored at every evaluation, as GPT-1's Fig. 2 right: TASK:FILE[,TASK:FILE"
+                             "...] with slm zeroshot's tasks and rules; logged to metrics.jsonl and plotted")
+    zeroshot_ref: str = _opt("", "TASK=SCORE,...: the score at which a task's normalised curve reaches 1 (default 1.0; "
+                                 "0 is random guessing)")
+    zeroshot_calibrate: str = _opt("", "cola under --zeroshot: the labelled file its threshold is chosen on")
+    zeroshot_limit: int = _opt(0, "--zeroshot scores the first N examples of each file (and of the calibration "
+                                  "file); 0 = all", bounds=(0, 2**31 - 1))
+    logger: str = _opt("", "also log to these experiment trackers, comma-separated: csv (metrics.csv), tensorboard, "
+                           "wandb, mlflow (each but csv is an optional extra; metrics.jsonl is always written)",
+                       metavar="NAME[,NAME...]")
 
     @property
     def floor_lr(self) -> float:
@@ -243,6 +265,23 @@ class TrainConfig:
             raise UserError("beta1 and beta2 must be in [0, 1)")
         if not 0 <= self.epochs <= MAX_EPOCHS:
             raise UserError(f"epochs must be from 0 (off: max_iters decides) to {MAX_EPOCHS:g}, got {self.epochs}")
+        logger_names(self.logger)
+
+
+def logger_names(spec: str) -> list[str]:
+    """The trackers a --logger value names ("csv,tensorboard" -> ["csv", "tensorboard"]), each once, in
+    order; an unknown name is a one-line error."""
+    if not isinstance(spec, str):
+        raise UserError(f"logger must be a string of comma-separated names, got {show(spec)}")
+    names: list[str] = []
+    for name in (part.strip().lower() for part in spec.split(",")):
+        if not name:
+            continue
+        if name not in LOGGERS:
+            raise UserError(f"unknown logger {show(name)}; --logger takes {', '.join(LOGGERS)} (comma-separated)")
+        if name not in names:
+            names.append(name)
+    return names
 
 
 @dataclass

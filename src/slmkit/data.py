@@ -12,20 +12,31 @@ When the tokenizer has an end-of-text token (bpe, gpt2), every document is follo
 model learns where texts end; without one (char, gpt1) the documents are joined by blank lines.
 The split still cuts the characters at `1 - val_fraction`: only the document the cut falls in is
 divided. A prepared folder given as the dataset is used as it is, with its own tokenizer.
+
+A large corpus (over STREAM_BYTES on disk, or whenever `workers` or `shard_tokens` is given) takes
+the streaming path instead (`prepare_streaming`): a first pass reads the documents for the cache key
+and the split sizes, a second encodes them in worker processes into token shards (train_000.bin, ...)
+listed with their sizes and sha256 in meta.json's "shards" manifest (slmkit.shards). Memory stays
+flat whatever the corpus size, the tokens are those of the in-memory path, and a crash leaves the
+shards written so far in a hidden sibling folder, from which a re-run resumes.
 """
 
 from __future__ import annotations
 
 import bisect
+import glob
 import hashlib
 import json
 import math
 import os
+import re
+import socket
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +44,48 @@ import numpy as np
 
 from slmkit.config import NAMED_DATASETS, DataConfig, is_prepared_folder
 from slmkit.errors import UserError
-from slmkit.fileio import check_output_folder, read_marker, record_files, staged_folder
+from slmkit.fileio import (
+    LOCK,
+    MARKER,
+    TMP_SUFFIX,
+    FolderLock,
+    atomic_write_json,
+    check_output_folder,
+    install_staged,
+    read_marker,
+    record_files,
+    remove_orphan_temps,
+    staged_folder,
+    user_entries,
+    write_error,
+    write_marker,
+)
+from slmkit.shards import (
+    BATCH_CHARS,
+    SHARD_TOKENS,
+    ShardedTokens,
+    ShardWriter,
+    batches,
+    chunk_stream,
+    document_pieces,
+    encode_batches,
+    manifest_problem,
+    scan_documents,
+    shard_hash_problem,
+    shard_size_problem,
+    split_stream,
+    token_dtype,
+)
+from slmkit.sources import (
+    HUB_PREFIX,
+    TEXT,
+    SourceStream,
+    file_format,
+    is_corpus_source,
+    is_glob,
+    read_source,
+    read_text_pieces,
+)
 from slmkit.tokenizers import (
     CharTokenizer,
     HFByteLevelTokenizer,
@@ -157,6 +209,9 @@ def read_documents(data: DataConfig) -> Corpus:
     p = Path(name).expanduser()
     if is_prepared_folder(p):
         raise UserError(f"{p} is a prepared dataset (token files), not text")
+    if _needs_reader(name, p):
+        docs, source = read_source(name, data.text_field)
+        return Corpus(docs.texts, docs.names, source)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*.txt") if f.is_file())
         if not files:
@@ -167,6 +222,25 @@ def read_documents(data: DataConfig) -> Corpus:
     raise UserError(
         f"dataset {name!r} is neither a file, a folder, nor a named dataset ({', '.join(NAMED_DATASETS)})"
     )
+
+
+def _needs_reader(name: str, path: Path) -> bool:
+    """Records, compressed files, globs and hub data sets go through `sources`; plain text and folders
+    of .txt files are read here as always (their cache entries stay valid)."""
+    if path.is_dir():
+        return False
+    fmt = file_format(name)
+    return is_corpus_source(name) and not (fmt == (TEXT, None) or (fmt is None and path.is_file()))
+
+
+def read_val_documents(data: DataConfig) -> Corpus | None:
+    """The separate validation corpus of --val-data, or None."""
+    if not data.val_data:
+        return None
+    corpus = read_documents(replace(data, dataset=data.val_data))
+    if not corpus.text.strip():
+        raise UserError(f"the validation corpus {corpus.source} is empty")
+    return corpus
 
 
 def read_corpus(data: DataConfig) -> tuple[str, str]:
@@ -251,10 +325,6 @@ def split_pieces(pieces: list[Piece], val_fraction: float) -> tuple[list[Piece],
 
 def _chars(pieces: list[Piece]) -> int:
     return sum(len(p.text) for p in pieces)
-
-
-def token_dtype(tok: Tokenizer) -> np.dtype:
-    return np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
 
 
 def encode_pieces(tok: Tokenizer, pieces: list[Piece], desc: str, progress: bool = True,
@@ -366,7 +436,23 @@ class PreparedData:
     def split_path(self, split: str) -> Path:
         return self.dir / f"{split}.bin"
 
+    @property
+    def sharded(self) -> bool:
+        return "shards" in self.meta
+
+    def shard_paths(self, split: str) -> list[Path]:
+        """The files holding a split: its shards, or {split}.bin."""
+        if not self.sharded:
+            return [self.split_path(split)]
+        return [self.dir / e["file"] for e in self.meta["shards"][split]]
+
     def tokens(self, split: str) -> np.ndarray:
+        """A split's tokens, mapped from disk: a np.memmap, or for several shards a ShardedTokens that
+        slices like one (tokens[a:b] is an ndarray across a shard boundary too)."""
+        if self.sharded:
+            entries = self.meta["shards"][split]
+            view = ShardedTokens.open(self.dir, entries)
+            return view[:] if len(entries) == 1 else view  # type: ignore[return-value]
         if self.meta["tokens"][split] == 0:  # numpy cannot map an empty file; the caller reports the size
             return np.zeros(0, dtype=self.meta["dtype"])
         return np.memmap(self.split_path(split), dtype=self.meta["dtype"], mode="r")
@@ -380,7 +466,10 @@ class PreparedData:
                 f"({tok.describe()}): give the text it was prepared from ({self.meta['source']}) as --dataset"
             )
         splits = ("train", "val") if split == "all" else (split,)
-        tokens = np.concatenate([self.tokens(s) for s in splits]) if len(splits) > 1 else self.tokens(split)
+        if self.sharded and len(splits) > 1:  # one view over both splits' shards, nothing read yet
+            tokens = ShardedTokens.open(self.dir, self.meta["shards"]["train"] + self.meta["shards"]["val"])
+        else:
+            tokens = np.concatenate([self.tokens(s) for s in splits]) if len(splits) > 1 else self.tokens(split)
         return EncodedText(tokens, sum(self.meta["chars"][s] for s in splits), self.meta["source"])
 
     def check_block_size(self, block_size: int) -> None:
@@ -400,14 +489,19 @@ def _check_split(split: str) -> None:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
 
-def cache_key(data: DataConfig, corpus_sha: str, doc_lengths: list[int] | None = None,
-              fingerprint: str | None = None) -> str:
+def cache_key(data: DataConfig, corpus_sha: str, doc_lengths: list[int] | str | None = None,
+              fingerprint: str | None = None, val_corpus: str | None = None) -> str:
     """The cache entry of a corpus (its text and where its documents end) under `data`'s tokenizer
-    settings, or under the given tokenizer (`fingerprint`) when one is imposed."""
+    settings, or under the given tokenizer (`fingerprint`) when one is imposed. `val_corpus`: the
+    checksum of a separate validation corpus (its text and document ends), replacing val_fraction.
+    `doc_lengths` may be given as the sha256 of its JSON already (the streaming path's)."""
     settings: dict[str, Any] = {"sha": corpus_sha, "tok": data.tokenizer, "val": data.val_fraction,
                                 "layout": LAYOUT}
+    if val_corpus is not None:
+        settings["val"] = val_corpus
     if doc_lengths is not None:
-        settings["docs"] = sha256_bytes(json.dumps(doc_lengths).encode())
+        docs = doc_lengths if isinstance(doc_lengths, str) else sha256_bytes(json.dumps(doc_lengths).encode())
+        settings["docs"] = docs
     if fingerprint is not None:
         settings["fingerprint"] = fingerprint
     if data.tokenizer == "bpe":
@@ -417,11 +511,16 @@ def cache_key(data: DataConfig, corpus_sha: str, doc_lengths: list[int] | None =
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _corpus_key(data: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None = None) -> tuple[str, str]:
-    """(text checksum, cache key) of a corpus."""
+def _corpus_key(data: DataConfig, corpus: Corpus, tokenizer: Tokenizer | None = None,
+                val_corpus: Corpus | None = None) -> tuple[str, str]:
+    """(text checksum, cache key) of a corpus (and of its separate validation corpus)."""
     corpus_sha = sha256_bytes(corpus.text.encode("utf-8"))
     fingerprint = tokenizer.fingerprint() if tokenizer is not None else None
-    return corpus_sha, cache_key(data, corpus_sha, [len(d) for d in corpus.documents], fingerprint)
+    val = None
+    if val_corpus is not None:
+        ends = json.dumps([len(d) for d in val_corpus.documents]).encode()
+        val = sha256_bytes(val_corpus.text.encode("utf-8") + ends)
+    return corpus_sha, cache_key(data, corpus_sha, [len(d) for d in corpus.documents], fingerprint, val)
 
 
 class _PreparedMeanwhile(Exception):
@@ -429,31 +528,42 @@ class _PreparedMeanwhile(Exception):
 
 
 def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool | None = None,
-            tokenizer: Tokenizer | None = None) -> PreparedData:
+            tokenizer: Tokenizer | None = None, workers: int | None = None, shard_tokens: int | None = None,
+            verify: bool = False) -> PreparedData:
     """Prepare (or reuse from the cache) the token files for `data`.
 
     `out_dir` must be new, empty, or a prepared folder slmkit wrote (replaced when the corpus or
     tokenizer changed; files the user added stay). Anything else is refused before any work.
     A dataset that is itself a prepared folder is used as it is, with its own tokenizer.
     `tokenizer` imposes an existing tokenizer (a checkpoint's) instead of building the one `data` names.
+    `workers` (tokenizer processes) or `shard_tokens` (tokens per shard), or a corpus over STREAM_BYTES,
+    take the streaming path (`prepare_streaming`). `verify`: an existing sharded folder that is
+    returned (reused, or given as the dataset) has every shard's sha256 checked, not only its size.
     """
     data.validate()
     progress = sys.stderr.isatty() if progress is None else progress
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {workers}")
+    if shard_tokens is not None and shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be a positive integer, got {shard_tokens}")
     if names_prepared_folder(data):
-        return use_prepared(data, out_dir)
+        return use_prepared(data, out_dir, verify)
+    if workers is not None or shard_tokens is not None or corpus_bytes(data) > STREAM_BYTES:
+        return prepare_streaming(data, out_dir, progress, tokenizer, workers, shard_tokens, verify)
     corpus = read_documents(data)
     if not corpus.text.strip():
         raise UserError(f"corpus {corpus.source} is empty")
-    corpus_sha, key = _corpus_key(data, corpus, tokenizer)
+    val_corpus = read_val_documents(data)
+    corpus_sha, key = _corpus_key(data, corpus, tokenizer, val_corpus)
     target = Path(out_dir).expanduser() if out_dir else cache_root(data) / "prepared" / key
     flag = "--out-dir" if out_dir else "cache folder"
-    existing = _reusable(target, key)
+    existing = _reusable(target, key, verify)
     if existing is not None:
         return existing
     _check_target(target, flag)
-    tok, (train_pieces, val_pieces) = _tokenizer_and_splits(data, corpus, progress, tokenizer)
+    tok, (train_pieces, val_pieces) = _tokenizer_and_splits(data, corpus, progress, tokenizer, val_corpus)
     with ThreadPoolExecutor(max_workers=1) as pool:  # train and val are independent; val is small
-        val_future = pool.submit(encode_pieces, tok, val_pieces, "encode val", False, corpus)
+        val_future = pool.submit(encode_pieces, tok, val_pieces, "encode val", False, val_corpus or corpus)
         train_ids = encode_pieces(tok, train_pieces, "encode train", progress, corpus)
         val_ids = val_future.result()
     n_train, n_val = _chars(train_pieces), _chars(val_pieces)
@@ -461,6 +571,7 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
     meta = {
         "key": key,
         "source": corpus.source,
+        "val_source": val_corpus.source if val_corpus else None,
         "corpus_sha256": corpus_sha,
         "tokenizer": tok.kind,
         "tokenizer_fingerprint": tok.fingerprint(),
@@ -468,7 +579,7 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
         "dtype": np.dtype(train_ids.dtype).name,
         "val_fraction": data.val_fraction,
         "layout": LAYOUT,
-        "documents": corpus.count,
+        "documents": corpus.count + (val_corpus.count if val_corpus else 0),
         # the token after each document; None when the documents are joined by blank lines instead
         "end_of_text": tok.special.get("eot") if any(p.eot for p in train_pieces + val_pieces) else None,
         "chars": {"train": n_train, "val": n_val},
@@ -481,27 +592,39 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
     return open_prepared(target)
 
 
-def _tokenizer_and_splits(data: DataConfig, corpus: Corpus, progress: bool, tokenizer: Tokenizer | None
-                          ) -> tuple[Tokenizer, tuple[list[Piece], list[Piece]]]:
+def _tokenizer_and_splits(data: DataConfig, corpus: Corpus, progress: bool, tokenizer: Tokenizer | None,
+                          val_corpus: Corpus | None = None) -> tuple[Tokenizer, tuple[list[Piece], list[Piece]]]:
     """The tokenizer, and the train and val pieces laid out for it; too small a corpus is refused
-    before a tokenizer is trained (char and bpe are; a named vocabulary says itself whether it has EOT)."""
+    before a tokenizer is trained (char and bpe are; a named vocabulary says itself whether it has EOT).
+    With a separate validation corpus, all of `corpus` is training text."""
     tok = tokenizer
     if tok is None and data.tokenizer not in ("char", "bpe"):
         tok = build_tokenizer(data, corpus, progress)
     eot = data.tokenizer == "bpe" if tok is None else "eot" in tok.special  # BPE reserves <|endoftext|>
-    splits = split_pieces(corpus_pieces(corpus, eot), data.val_fraction)
+    splits = train_val_pieces(data, corpus, val_corpus, eot)
     n_train, n_val = _chars(splits[0]), _chars(splits[1])
     check_corpus_size(n_train + n_val, n_train, n_val, data.val_fraction, corpus.source)
+    if tok is None and data.tokenizer == "char" and val_corpus is not None:
+        # The vocabulary covers both corpora, as it covers both splits of one corpus.
+        return CharTokenizer.train(corpus.text + val_corpus.text), splits
     return tok or build_tokenizer(data, corpus, progress, splits[0]), splits
 
 
-def use_prepared(data: DataConfig, out_dir: str | Path | None = None) -> PreparedData:
+def train_val_pieces(data: DataConfig, corpus: Corpus, val_corpus: Corpus | None, eot: bool
+                     ) -> tuple[list[Piece], list[Piece]]:
+    """The splits: the end of the corpus cut off (val_fraction), or all of it beside --val-data's."""
+    if val_corpus is None:
+        return split_pieces(corpus_pieces(corpus, eot), data.val_fraction)
+    return corpus_pieces(corpus, eot), corpus_pieces(val_corpus, eot)
+
+
+def use_prepared(data: DataConfig, out_dir: str | Path | None = None, verify: bool = False) -> PreparedData:
     """A prepared folder given as the dataset: its tokens as they are, and `data` made to describe them."""
     folder = Path(data.dataset).expanduser()
     if out_dir is not None and Path(out_dir).expanduser().resolve() != folder.resolve():
         raise UserError(f"{folder} is already a prepared dataset: give it as --dataset to train on it, "
                         f"there is nothing to prepare into {out_dir}")
-    prepared = open_prepared(folder)
+    prepared = open_prepared(folder, verify)
     _adopt_settings(data, prepared)
     return prepared
 
@@ -542,26 +665,44 @@ def dataset_tokens(data: DataConfig, tok: Tokenizer, split: str = "all", progres
     corpus = read_documents(data)
     if not corpus.text.strip():
         raise UserError(f"corpus {corpus.source} is empty")
+    val_corpus = read_val_documents(data)
     if split != "all":  # the cache holds train and val only; its entries by settings, or by this very tokenizer
-        for key in (_corpus_key(data, corpus)[1], _corpus_key(data, corpus, tok)[1]):
+        for key in (_corpus_key(data, corpus, None, val_corpus)[1], _corpus_key(data, corpus, tok, val_corpus)[1]):
             cached = _reusable(cache_root(data) / "prepared" / key, key)
             if cached is not None and cached.tokenizer.fingerprint() == tok.fingerprint():
                 return cached.encoded(tok, split)
-    pieces = corpus_pieces(corpus, "eot" in tok.special)
-    if split != "all":
-        pieces = split_pieces(pieces, data.val_fraction)[split == "val"]
+    eot = "eot" in tok.special
+    if split == "all":
+        if val_corpus is not None:  # the two corpora in sequence
+            corpus = Corpus(corpus.documents + val_corpus.documents, corpus.names + val_corpus.names, corpus.source,
+                            corpus.joiner)
+        pieces = corpus_pieces(corpus, eot)
+    else:
+        pieces = train_val_pieces(data, corpus, val_corpus, eot)[split == "val"]
+        corpus = val_corpus if split == "val" and val_corpus is not None else corpus
     return EncodedText(encode_pieces(tok, pieces, f"encode {split}", progress, corpus), _chars(pieces), corpus.source)
 
 
-def _reusable(target: Path, key: str) -> PreparedData | None:
-    """The dataset already in `target` when it is whole and was made from the same corpus and settings."""
+def _reusable(target: Path, key: str, verify: bool = False, shard_tokens: int | None = None) -> PreparedData | None:
+    """The dataset already in `target` when it is whole and was made from the same corpus and settings
+    (and, when `shard_tokens` is asked for, cut into shards of that size). `verify`: shards' hashes too."""
     if not (target / "meta.json").is_file():
         return None
     try:
         existing = open_prepared(target)
     except UserError:
         return None  # broken (a crash before markers, an edit): prepared again, if the folder is ours
-    return existing if existing.meta.get("key") == key else None
+    if existing.meta.get("key") != key:
+        return None
+    if shard_tokens is not None and existing.meta.get("shard_tokens") != shard_tokens:
+        return None
+    if verify and existing.sharded:
+        try:
+            verify_shards(existing)
+        except UserError as exc:
+            print(f"note: {exc}; preparing it again", file=sys.stderr)
+            return None
+    return existing
 
 
 def _legacy_prepared(folder: Path) -> bool:
@@ -629,7 +770,10 @@ def _write_prepared(target: Path, flag: str, meta: dict, tok: Tokenizer, train_i
             raise _PreparedMeanwhile  # the cache entry appeared while we encoded: leave it as it is
 
 
-def open_prepared(path: str | Path) -> PreparedData:
+def open_prepared(path: str | Path, verify: bool = False) -> PreparedData:
+    """A prepared folder, checked: meta.json, the tokenizer, and every token file present with the size
+    meta.json says. `verify` also checks each shard's sha256 (reads every byte: slm prepare does it,
+    training does not). A problem is one line naming the file."""
     d = Path(path)
     meta_path = d / "meta.json"
     if not meta_path.is_file():
@@ -644,12 +788,31 @@ def open_prepared(path: str | Path) -> PreparedData:
     if problem:
         raise UserError(f"{meta_path} is malformed ({problem}); delete {d} and prepare again")
     tok = load_tokenizer(d / "tokenizer.json")
+    if "shards" in meta:
+        prepared = PreparedData(d, meta, tok)
+        for split in ("train", "val"):
+            for entry in meta["shards"][split]:
+                problem = shard_size_problem(d, entry)
+                if problem:
+                    raise UserError(f"{problem}; delete {d} and prepare again")
+        if verify:
+            verify_shards(prepared)
+        return prepared
     for split in ("train", "val"):
         expected = meta["tokens"][split] * np.dtype(meta["dtype"]).itemsize
         f = d / f"{split}.bin"
         if not f.is_file() or f.stat().st_size != expected:
             raise UserError(f"{f} is missing or truncated; delete {d} and prepare again")
     return PreparedData(d, meta, tok)
+
+
+def verify_shards(prepared: PreparedData) -> None:
+    """Every shard's sha256 against the manifest; the first that differs is a one-line error."""
+    for split in ("train", "val"):
+        for entry in prepared.meta["shards"][split]:
+            problem = shard_hash_problem(prepared.dir, entry)
+            if problem:
+                raise UserError(f"{problem}; delete {prepared.dir} and prepare again")
 
 
 def _is_count(v: Any) -> bool:
@@ -670,7 +833,351 @@ def _meta_problem(meta: Any) -> str:
         return "'source' must be a string"
     if "key" in meta and not isinstance(meta["key"], str):
         return "'key' must be a string"
+    if "shards" in meta:
+        return manifest_problem(meta["shards"], meta["tokens"], meta["dtype"])
     return ""
+
+
+# ----------------------------------------------------------------------------- streaming preparation
+
+STREAM_BYTES = 256 * 2**20  # a corpus larger than this on disk is prepared by streaming, into shards
+PARTIAL_KIND = "prepared-partial"
+PROGRESS = "progress.json"
+_OURS = re.compile(r"^(?:(?:train|val)_\d{3,}\.bin|tokenizer\.json|meta\.json|progress\.json)$")
+
+
+@dataclass
+class CorpusStream:
+    """A corpus read one document at a time, as often as needed: `documents()` yields each
+    document's name and its text in pieces (read before asking for the next document)."""
+
+    source: str
+    joiner: str
+    documents: Callable[[], Iterator[tuple[str, Iterator[str]]]]
+    notes: Callable[[], list[str]] = lambda: []
+
+
+def stream_corpus(data: DataConfig) -> CorpusStream:
+    """read_documents' documents, streamed: the same documents, texts and order."""
+    name = data.dataset
+    if name in NAMED_DATASETS:  # a few MB: read as always
+        corpus = read_documents(data)
+        pairs = list(zip(corpus.names, corpus.documents, strict=True))
+        return CorpusStream(corpus.source, corpus.joiner, lambda: ((n, iter((d,))) for n, d in pairs))
+    p = Path(name).expanduser()
+    if is_prepared_folder(p):
+        raise UserError(f"{p} is a prepared dataset (token files), not text")
+    if _needs_reader(name, p):
+        stream = SourceStream(name, data.text_field)
+        return CorpusStream(stream.source, "\n\n", lambda: iter(stream), lambda: stream.notes)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+        if not files:
+            raise UserError(f"folder {p} holds no .txt files (nor the meta.json of a folder `slm prepare` wrote)")
+        source = f"{len(files)} .txt files in {p}"
+    elif p.is_file():
+        files, source = [p], str(p)
+    else:
+        read_documents(data)  # the error for a name that is nothing
+        raise AssertionError(name)
+    return CorpusStream(source, "\n\n", lambda: ((str(f), read_text_pieces(f, universal_newlines=True)) for f in files))
+
+
+def corpus_bytes(data: DataConfig) -> int:
+    """The corpus's size on disk (0 for named and hub datasets): what decides the streaming path."""
+    name = data.dataset
+    if name in NAMED_DATASETS or name.startswith(HUB_PREFIX):
+        return 0
+    p = Path(name).expanduser()
+    try:
+        if p.is_dir():
+            return sum(f.stat().st_size for f in p.rglob("*.txt") if f.is_file())
+        if p.is_file():
+            return p.stat().st_size
+        if is_glob(name):
+            return sum(os.path.getsize(f) for f in glob.glob(str(p), recursive=True) if os.path.isfile(f))
+    except OSError:
+        return 0  # reading it will say what is wrong
+    return 0
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare_streaming(data: DataConfig, out_dir: str | Path | None = None, progress: bool = False,
+                      tokenizer: Tokenizer | None = None, workers: int | None = None,
+                      shard_tokens: int | None = None, verify: bool = False) -> PreparedData:
+    """prepare() for a corpus larger than memory: the same tokens, in shards, with flat memory.
+
+    A first pass reads the documents for the cache key (the same key as the in-memory path's) and
+    the split sizes; BPE is trained on a stream of the train split; then the documents are read
+    again, cut into the same chunks as in memory, encoded by `workers` processes and written shard
+    by shard into a hidden sibling of the target (.NAME.partial.slmkit-tmp), locked while in use.
+    After each shard the manifest so far goes to its progress.json: a crash or Ctrl-C leaves only
+    whole shards there, and a re-run with the same corpus and settings resumes after the last one
+    whose sha256 still matches. meta.json, holding the manifest, is written last, and the folder is
+    moved into place as prepare() moves its own.
+    """
+    workers = workers or default_workers()
+    shard_size = shard_tokens or SHARD_TOKENS
+    corpus = stream_corpus(data)
+    val_corpus = stream_corpus(replace(data, dataset=data.val_data)) if data.val_data else None
+    char_vocab = tokenizer is None and data.tokenizer == "char"
+    scan = scan_documents(corpus.documents(), corpus.joiner, char_vocab)
+    _print_notes(corpus)
+    if scan.blank:
+        raise UserError(f"corpus {corpus.source} is empty")
+    val_scan, val_sha = None, None
+    if val_corpus is not None:
+        val_scan = scan_documents(val_corpus.documents(), val_corpus.joiner, char_vocab)
+        _print_notes(val_corpus)
+        if val_scan.blank:
+            raise UserError(f"the validation corpus {val_corpus.source} is empty")
+        h = val_scan.text_hash.copy()
+        for part in val_scan.lengths_json():
+            h.update(part)
+        val_sha = h.hexdigest()
+    corpus_sha = scan.text_hash.hexdigest()
+    key = cache_key(data, corpus_sha, scan.lengths_sha256(), tokenizer.fingerprint() if tokenizer else None, val_sha)
+    target = Path(out_dir).expanduser() if out_dir else cache_root(data) / "prepared" / key
+    flag = "--out-dir" if out_dir else "cache folder"
+    existing = _reusable(target, key, verify, shard_tokens)
+    if existing is not None:
+        return existing
+    _check_target(target, flag)
+
+    # The layout, and the split sizes, before any tokenizer is trained (as the in-memory path).
+    named = tokenizer
+    if named is None and data.tokenizer not in ("char", "bpe"):  # a published vocabulary: the corpus is not read
+        named = build_tokenizer(data, Corpus([], [], ""), progress)
+    eot = data.tokenizer == "bpe" if named is None else "eot" in named.special
+    n_chars = scan.doc_chars if eot else scan.joined_chars(corpus.joiner)
+    if val_scan is not None and val_corpus is not None:
+        cut, n_train = None, n_chars
+        n_val = val_scan.doc_chars if eot else val_scan.joined_chars(val_corpus.joiner)
+    else:
+        cut, n_val = _split_sizes(n_chars, data.val_fraction)
+        n_train = cut
+    check_corpus_size(n_train + n_val, n_train, n_val, data.val_fraction, corpus.source)
+
+    claimed = _claim_partial(target, key, verify, shard_tokens)
+    if isinstance(claimed, PreparedData):
+        return claimed  # another process finished it while this one waited
+    stage, lock = claimed
+    settings = {"key": key, "shard_tokens": shard_size, "chunk_chars": CHUNK_CHARS, "batch_chars": BATCH_CHARS}
+    writer: ShardWriter | None = None
+    try:
+        resumed = _resume_state(stage, settings, named)
+        if resumed is not None:
+            tok, shards, (start, skip) = resumed
+            _clear_partial(stage, keep=[e["file"] for v in shards.values() for e in v] + ["tokenizer.json", PROGRESS])
+            done = sum(len(v) for v in shards.values())
+            print(f"note: resuming the preparation of {target} from {_partial_folder(target).name}: {done} whole "
+                  f"shard{'s' * (done != 1)} ({sum(e['tokens'] for v in shards.values() for e in v):,} tokens) "
+                  "already written", file=sys.stderr)
+        else:
+            _clear_partial(stage)
+            tok = named or _stream_tokenizer(data, corpus, val_corpus, scan, val_scan, cut, progress)
+            shards, start, skip = {}, 0, 0
+            atomic_write_json(stage / "tokenizer.json", tok.to_dict())
+        eot = "eot" in tok.special
+        fingerprint = tok.fingerprint()
+
+        def save_progress(manifest: dict[str, list[dict]], _next: list[int] | None = None) -> None:
+            atomic_write_json(stage / PROGRESS, {"settings": settings, "fingerprint": fingerprint, "shards": manifest})
+
+        save_progress(shards)  # from here on, a re-run resumes (a trained BPE is kept too)
+
+        def pieces() -> Iterator[Any]:
+            yield from split_stream(document_pieces(corpus.documents(), corpus.joiner, eot), cut)
+            if val_corpus is not None:
+                yield from split_stream(document_pieces(val_corpus.documents(), val_corpus.joiner, eot), None, "val")
+
+        from tqdm import tqdm
+
+        writer = ShardWriter(stage, token_dtype(tok), shard_size, save_progress, shards)
+        bar = tqdm(total=n_train + n_val, unit="char", unit_scale=True, desc=f"encode ({workers} workers)",
+                   disable=not progress, leave=False)
+        end = start
+        encoded = encode_batches(tok, batches(pieces(), CHUNK_CHARS), workers, start)
+        try:
+            for batch, ids in encoded:
+                writer.add(batch, ids, skip if batch.index == start else 0)
+                end = batch.index + 1
+                bar.update(batch.chars)
+        finally:
+            encoded.close()  # the worker processes stop now, also on an error
+            bar.close()
+        writer.finish(end)
+        n_train_tokens, n_val_tokens = writer.tokens("train"), writer.tokens("val")
+        try:
+            check_token_counts(n_train_tokens, n_val_tokens, n_train + n_val, corpus.source)
+        except UserError:
+            (stage / PROGRESS).unlink()  # the corpus itself is the problem: nothing to resume
+            raise
+        manifest = {s: [{k: v for k, v in e.items() if k != "next"} for e in writer.shards[s]]
+                    for s in ("train", "val")}
+        meta = {
+            "key": key,
+            "source": corpus.source,
+            "val_source": val_corpus.source if val_corpus else None,
+            "corpus_sha256": corpus_sha,
+            "tokenizer": tok.kind,
+            "tokenizer_fingerprint": fingerprint,
+            "vocab_size": tok.vocab_size,
+            "dtype": token_dtype(tok).name,
+            "val_fraction": data.val_fraction,
+            "layout": LAYOUT,
+            "documents": scan.documents + (val_scan.documents if val_scan else 0),
+            "end_of_text": tok.special.get("eot") if eot else None,
+            "chars": {"train": n_train, "val": n_val},
+            "tokens": {"train": n_train_tokens, "val": n_val_tokens},
+            "shard_tokens": shard_size,
+            "shards": manifest,
+        }
+        _write_durably(stage / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
+        (stage / PROGRESS).unlink()
+        names = sorted(e["file"] for s in ("train", "val") for e in manifest[s]) + ["meta.json", "tokenizer.json"]
+        if _legacy_prepared(target):
+            record_files(target, PREPARED_KIND, PREPARED_FILES)  # adopt it, so only these four are replaced
+        install_staged(stage, target, PREPARED_KIND, names, last="meta.json")
+        return open_prepared(target)
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()  # no half shard under a shard's name; the whole ones stay for a re-run
+        if not (stage / PROGRESS).is_file():
+            _clear_partial(stage)  # nothing to resume from
+        if isinstance(exc, OSError):  # a full disk, an I/O error: one line, and the whole shards are kept
+            raise write_error(target, exc) from None
+        raise
+    finally:
+        lock.release()
+        _remove_if_empty(stage)
+
+
+def _print_notes(corpus: CorpusStream) -> None:
+    for note in corpus.notes():
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _stream_tokenizer(data: DataConfig, corpus: CorpusStream, val_corpus: CorpusStream | None, scan: Any,
+                      val_scan: Any, cut: int | None, progress: bool) -> Tokenizer:
+    """char: the characters the first pass found; bpe: trained on a stream of the train split, in the
+    chunks build_tokenizer gives it (the same tokenizer as in memory)."""
+    if data.tokenizer == "char":
+        return CharTokenizer(sorted(scan.chars | (val_scan.chars if val_scan is not None else set())))
+
+    def train_chunks() -> Iterator[str]:
+        for piece in split_stream(document_pieces(corpus.documents(), corpus.joiner, True), cut):
+            if piece.split != "train":
+                return
+            yield from chunk_stream(piece.fragments, 1 << 16)
+
+    return HFByteLevelTokenizer.train(train_chunks(), data.bpe_vocab_size, show_progress=progress)
+
+
+def _partial_folder(target: Path) -> Path:
+    return target.parent / f".{target.name}.partial{TMP_SUFFIX}"
+
+
+def _claim_partial(target: Path, key: str, verify: bool, shard_tokens: int | None
+                   ) -> tuple[Path, FolderLock] | PreparedData:
+    """The locked work folder beside `target`; while another process holds it, wait (it prepares the
+    same target), and return its result if it finished the same dataset."""
+    stage = _partial_folder(target)
+    waiting = False
+    while True:
+        if stage.is_symlink() or (stage.exists() and not stage.is_dir()):
+            raise UserError(f"{stage} is in the way of preparing {target}, and slmkit did not make it; move it away")
+        try:
+            stage.mkdir(parents=True, exist_ok=True)
+            lock = FolderLock(stage).acquire()
+        except UserError:
+            if not stage.is_dir():
+                continue  # installed and gone meanwhile
+            if not (stage / LOCK).exists() or not _held_here(stage / LOCK):
+                raise  # a lock of another machine cannot be checked for a live holder: say so, not wait
+            if not waiting:
+                print(f"note: another slmkit process is preparing {target}; waiting for it", file=sys.stderr)
+                waiting = True
+            time.sleep(1.0)
+            existing = _reusable(target, key, verify, shard_tokens)
+            if existing is not None:
+                return existing
+            continue
+        marker = read_marker(stage)
+        if marker is None or marker.get("kind") != PARTIAL_KIND:
+            if user_entries(stage):
+                lock.release()
+                raise UserError(f"{stage} holds files slmkit did not write; move them away and run again")
+            write_marker(stage, PARTIAL_KIND)
+        if waiting:
+            existing = _reusable(target, key, verify, shard_tokens)
+            if existing is not None:
+                lock.release()
+                _remove_if_empty(stage)
+                return existing
+        return stage, lock
+
+
+def _held_here(lock: Path) -> bool:
+    """The lock file names a process on this machine (or cannot be read yet: being written)."""
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
+    return not isinstance(holder, dict) or holder.get("host") in (None, socket.gethostname())
+
+
+def _resume_state(stage: Path, settings: dict, imposed: Tokenizer | None
+                  ) -> tuple[Tokenizer, dict[str, list[dict]], tuple[int, int]] | None:
+    """What an earlier run left in the work folder, when it was preparing the same thing: its
+    tokenizer, the shards that are still whole (sha256 checked), and where to go on from."""
+    try:
+        progress = json.loads((stage / PROGRESS).read_text(encoding="utf-8"))
+        if not isinstance(progress, dict) or progress.get("settings") != settings:
+            return None
+        tok = load_tokenizer(stage / "tokenizer.json")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, UserError):
+        return None
+    if tok.fingerprint() != progress.get("fingerprint") or (imposed and imposed.fingerprint() != tok.fingerprint()):
+        return None
+    shards: dict[str, list[dict]] = {}
+    position = (0, 0)
+    try:
+        for split in ("train", "val"):  # the order they were written in
+            for entry in progress["shards"].get(split, []):
+                if shard_hash_problem(stage, entry):
+                    return tok, shards, position  # resumed from the last whole shard before it
+                shards.setdefault(split, []).append(entry)
+                position = (int(entry["next"][0]), int(entry["next"][1]))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+    return tok, shards, position
+
+
+def _clear_partial(stage: Path, keep: list[str] | tuple[str, ...] = ()) -> None:
+    """Empty the work folder of what slmkit writes there (shards, temporary files, progress), but `keep`."""
+    if not stage.is_dir():
+        return
+    remove_orphan_temps(stage)
+    for p in stage.iterdir():
+        if _OURS.match(p.name) and p.name not in keep and not p.is_symlink() and p.is_file():
+            p.unlink()
+
+
+def _remove_if_empty(stage: Path) -> None:
+    """The work folder, once it holds nothing but its marker (installed, or nothing to resume)."""
+    try:
+        if stage.is_dir() and not stage.is_symlink() and {p.name for p in stage.iterdir()} <= {MARKER}:
+            (stage / MARKER).unlink(missing_ok=True)
+            stage.rmdir()
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- batches

@@ -369,6 +369,20 @@ def staged_folder(
         raise
 
 
+def install_staged(stage: str | Path, target: str | Path, kind: str, names: list[str], last: str | None = None) -> None:
+    """Move the files `names` of a folder built beside `target` into it, as staged_folder does, for
+    output built over several runs in a sibling of a fixed name (a resumable `prepare`). The caller's
+    lock in `stage` (FolderLock) is held throughout and gone afterwards."""
+    stage, target = Path(stage), Path(target)
+    try:
+        _install_stage(stage, target, kind, names, last)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    lock = _read_lock(target / LOCK)
+    if lock is not None and lock.get("pid") == os.getpid():  # the stage was renamed whole, our lock with it
+        (target / LOCK).unlink(missing_ok=True)
+
+
 def _install_stage(stage: Path, target: Path, kind: str, names: list[str], last: str | None) -> None:
     if any((stage / n).is_dir() for n in names):
         # Renaming a folder over an existing one fails half way; staged output is flat files only.

@@ -10,7 +10,8 @@ fine-tuning and sweeps alike.
 Progress and log lines go to stderr: stdout carries only a command's result, so it can be piped.
 A `RunLog` hands every record and text line to its sinks: the console and the run folder's files,
 always, and any extra ones given to it (objects with `record(dict)`, `text(str)` and `close()`,
-such as an experiment tracker's).
+such as the experiment trackers of slmkit.tracking). A sink may also take `artifact(name, text, step)`
+(a text the run wrote, such as samples.txt) and `finish(ok)` (close, saying whether the run ended well).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Sink:
         pass
 
     def text(self, line: str) -> None:
+        pass
+
+    def artifact(self, name: str, text: str, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -130,6 +134,12 @@ class RunLog:
         for sink in self.sinks:
             sink.text(line)
 
+    def artifact(self, name: str, text: str, step: int) -> None:
+        """A text the run wrote into its folder (samples.txt), for the sinks that keep such texts."""
+        for sink in self.sinks:
+            if hasattr(sink, "artifact"):
+                sink.artifact(name, text, step)
+
     def progress(self, total: int, initial: int) -> Progress:
         """A progress display over `total` steps, shown when this log echoes."""
         return Progress(total, initial, self.echo)
@@ -145,9 +155,14 @@ class RunLog:
         keep = [r for r in read_metrics(self.folder) if r.get("step", 0) <= step and not is_final(r)]
         atomic_write_text(self.folder / METRICS, "".join(json.dumps(r) + "\n" for r in keep))
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Close every sink; `ok` False tells the sinks that can say so (a tracker's run status) that the
+        run ended with an error or an interrupt."""
         for sink in self.sinks:
-            sink.close()
+            if hasattr(sink, "finish"):
+                sink.finish(ok)
+            else:
+                sink.close()
 
 
 def is_final(record: dict[str, Any]) -> bool:

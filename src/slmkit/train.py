@@ -55,6 +55,8 @@ from slmkit.runtime import (
     shutdown_distributed,
 )
 from slmkit.schedule import lr_at
+from slmkit.tracking import check_outputs, open_trackers, require_loggers
+from slmkit.zeroshot import ZeroShotProbe, check_probe_settings
 
 PLOT, SAMPLES, CONFIG, TOKENIZER = "loss.png", "samples.txt", "config.json", "tokenizer.json"
 DATA_INFO = "data.json"
@@ -75,8 +77,8 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, data: PreparedData, resume_from: Checkpoint | None = None,
-                 force: bool = False):
-        self.cfg, self.run_dir, self.data = cfg, run_dir, data
+                 force: bool = False, probe: ZeroShotProbe | None = None):
+        self.cfg, self.run_dir, self.data, self.probe = cfg, run_dir, data, probe
         t = cfg.train
         self.ddp, self.device = init_distributed(t.device)
         self.dtype = resolve_dtype(t.dtype, self.device)
@@ -238,6 +240,11 @@ class Trainer:
         if self.epochs_note:
             self.log.text(self.epochs_note)
         self.log.text(self.banner())
+        if self.probe is not None:
+            self.log.text(self.probe.describe() + " (the console shows their mean, normalised: 0 = random guessing)")
+        if self.cfg.train.zeroshot and self.step == 0:  # every rank: the losses are all-reduced
+            # A curve of zero-shot behaviour starts at the untrained model (GPT-1's Fig. 2 starts at 0 updates).
+            self.log.record({"step": 0, **self.evaluation()})
         bar = self.log.progress(t.max_iters, self.step)
         start = time.perf_counter()
         first_step = self.step
@@ -302,8 +309,7 @@ class Trainer:
                           elapsed=round(elapsed, 3))
         new_best = False
         if eval_now:
-            record["val_loss"] = self.fixed_loss(self.val_tokens, self._val_offsets)
-            record["train_eval_loss"] = self.fixed_loss(self.train_tokens, self._train_eval_offsets)
+            record.update(self.evaluation())
             new_best = record["val_loss"] < self.best_val
             if new_best:
                 self.best_val = record["val_loss"]
@@ -319,6 +325,14 @@ class Trainer:
             plot_losses(self.run_dir)
         return record, ckpt_now
 
+    def evaluation(self) -> dict[str, float]:
+        """Validation and training loss on their fixed subsets, and the zero-shot probes."""
+        out = {"val_loss": self.fixed_loss(self.val_tokens, self._val_offsets),
+               "train_eval_loss": self.fixed_loss(self.train_tokens, self._train_eval_offsets)}
+        if self.probe is not None:
+            out.update(self.probe(self.model, self.device, self.dtype))
+        return out
+
     @staticmethod
     def _progress_info(record: dict[str, Any]) -> dict[str, Any]:
         # Beside the validation loss goes the training loss on a fixed subset in eval mode, measured
@@ -327,6 +341,7 @@ class Trainer:
         return {"loss": f"{record['loss']:.4f}" if "loss" in record else None,
                 "train": f"{record['train_eval_loss']:.4f}" if "train_eval_loss" in record else None,
                 "val": f"{record['val_loss']:.4f}" if "val_loss" in record else None,
+                "zero-shot": f"{np.mean(probes):+.3f}" if (probes := _normalized(record)) else None,
                 "tok/s": f"{record['tokens_per_s']:,.0f}" if "tokens_per_s" in record else None}
 
     def banner(self) -> str:
@@ -350,16 +365,25 @@ class _null:
         return False
 
 
+def _normalized(record: dict[str, Any]) -> list[float]:
+    """The zero-shot probes' normalised scores in an evaluation record (see ZeroShotProbe)."""
+    return [v for k, v in record.items() if k.startswith("zeroshot/") and k.endswith("/normalized")]
+
+
 def plot_losses(run_dir: Path) -> None:
     """loss.png: training and validation loss measured alike (fixed subsets, eval mode), the noisy
-    minibatch loss behind them, and the learning rate on a second axis."""
+    minibatch loss behind them, and the learning rate on a second axis. With --zeroshot, a second
+    panel beside it as GPT-1's Fig. 2 right: each task's zero-shot score, normalised between random
+    guessing (0) and its reference (1), and their mean, against pre-training steps."""
     plt = pyplot()
     records = read_metrics(run_dir)
 
     def series(key: str) -> list[tuple[int, float]]:
         return [(r["step"], r[key]) for r in records if key in r]
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    probes = sorted({k for r in records for k in r if k.startswith("zeroshot/") and k.endswith("/normalized")})
+    fig, axes = plt.subplots(1, 2 if probes else 1, figsize=(13, 4.4) if probes else (7.5, 4.4), squeeze=False)
+    ax = axes[0][0]
     for key, label, style in (("loss", "minibatch loss (dropout on)", dict(alpha=0.25, color="tab:gray")),
                               ("train_eval_loss", "train loss (fixed subset)", dict(marker="o", color="tab:blue")),
                               ("val_loss", "val loss (fixed subset)", dict(marker="o", color="tab:orange"))):
@@ -377,8 +401,25 @@ def plot_losses(run_dir: Path) -> None:
         ax_lr.set_ylabel("learning rate", color="tab:green")
         ax_lr.tick_params(axis="y", colors="tab:green")
     ax.legend(loc="upper right")
+    if probes:
+        _plot_probes(axes[0][1], records, probes)
     fig.tight_layout()
     save_figure(fig, Path(run_dir) / PLOT, dpi=100)
+
+
+def _plot_probes(ax, records: list[dict[str, Any]], probes: list[str]) -> None:
+    for key in probes:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points, strict=True), marker=".", label=key.split("/")[1], alpha=0.8)
+    mean = [(r["step"], float(np.mean(_normalized(r)))) for r in records if _normalized(r)]
+    if len(probes) > 1:
+        ax.plot(*zip(*mean, strict=True), color="black", linewidth=2, label="mean")
+    ax.axhline(0.0, color="gray", linewidth=1, linestyle="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("zero-shot score, normalised\n(0 = random guessing, 1 = reference)")
+    ax.set_title("zero-shot behaviours during pre-training")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
 
 
 RUN_FILES = (CONFIG, TOKENIZER, DATA_INFO, METRICS, PLOT, LAST, BEST, SAMPLES)
@@ -434,9 +475,10 @@ def default_preset(device: str) -> str | None:
     return "cpu-fast" if resolve_device(device).type == "cpu" else None
 
 
-# What `--resume` may change: how long and how often, and where it runs; never the model, the data
-# or the optimisation that the saved state belongs to.
+# What `--resume` may change: how long and how often, where it runs and what it probes; never the
+# model, the data or the optimisation that the saved state belongs to.
 RESUME_OVERRIDABLE = {"max_iters", "eval_interval", "log_interval", "device", "dtype", "compile",
+                      "zeroshot", "zeroshot_ref", "zeroshot_calibrate", "zeroshot_limit", "logger",
                       "sample_tokens", "checkpoint_interval", "lr_decay_iters", "final_eval"}
 
 
@@ -491,15 +533,23 @@ def train(
 
     run_dir = Path(run_dir)
     cfg.validate()
+    t = cfg.train
+    if t.zeroshot:
+        check_probe_settings(t.zeroshot, t.zeroshot_ref, t.zeroshot_calibrate)
+    elif t.zeroshot_ref or t.zeroshot_calibrate or t.zeroshot_limit:
+        raise UserError("--zeroshot-ref, --zeroshot-calibrate and --zeroshot-limit go with --zeroshot TASK:FILE,...")
+    require_loggers(t.logger)  # a tracker that is not installed fails here, before any folder is made
     # A first estimate without the embedding (the vocabulary is not known yet): an absurd size is
     # refused before any data is prepared or any folder created.
     check_fits(training_memory(cfg.model, 0, cfg.train.batch_size, True), _model_words(cfg), force=force)
     created = first_missing(run_dir)
     lock = None
     trainer = None
+    ok = False
     try:
         if int(os.environ.get("RANK", "0")) == 0:
             lock = claim_run_dir(run_dir, resume, overwrite)
+            check_outputs(run_dir, t.logger)
         # A resumed run encodes its text with the tokenizer it was trained with, whatever the cache
         # holds (a BPE retrained on the same text may come out different).
         saved = load_checkpoint(run_dir / LAST) if resume else None
@@ -507,12 +557,18 @@ def train(
             check_same_data(saved.config, cfg)
         saved_tokenizer = saved.tokenizer if saved is not None else None
         data = open_prepared(prepared_dir) if prepared_dir else prepare(cfg.data, tokenizer=saved_tokenizer)
-        trainer = Trainer(cfg, run_dir, data, saved, force=force)  # the checkpoint is read once
+        probe = None
+        if t.zeroshot and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone logs, so it alone probes
+            probe = ZeroShotProbe(t.zeroshot, data.tokenizer, t.zeroshot_ref, t.zeroshot_calibrate, t.zeroshot_limit)
+        trainer = Trainer(cfg, run_dir, data, saved, force=force, probe=probe)  # the checkpoint is read once
         del saved, saved_tokenizer  # its tensors (weights, AdamW moments) are copied in: free them
         if trainer.ddp.is_main:
             write_run_files(run_dir, cfg, data, {"device": str(trainer.device), "dtype": str(trainer.dtype)})
             if resume:
                 trainer.log.truncate_after(trainer.step)
+            # Experiment trackers (--logger): rank 0 alone, as it alone writes the run's files.
+            trainer.log.extra += open_trackers(t.logger, run_dir, {**cfg.to_dict(), "n_params": trainer.params},
+                                               ("val_loss", "final_val_loss"), trainer.step if resume else None)
         barrier(trainer.ddp)
         trainer.log.echo = progress and trainer.ddp.is_main
         if note:
@@ -530,8 +586,10 @@ def train(
                 trainer.log.record({"step": trainer.step, "final_val_loss": score.loss,
                                     "final_val_bpc": score.bits_per_char})
             if cfg.train.sample_tokens > 0:
-                write_samples(trainer.model, trainer.tokenizer, run_dir / SAMPLES, cfg.train.sample_tokens,
-                              trainer.device, trainer.dtype, cfg.train.seed)
+                samples = write_samples(trainer.model, trainer.tokenizer, run_dir / SAMPLES, cfg.train.sample_tokens,
+                                        trainer.device, trainer.dtype, cfg.train.seed)
+                trainer.log.artifact(SAMPLES, samples, trainer.step)
+        ok = True
         return result
     except BaseException:
         if created is not None and trainer is None:
@@ -542,7 +600,7 @@ def train(
         raise
     finally:
         if trainer is not None:
-            trainer.log.close()
+            trainer.log.close(ok)
             shutdown_distributed(trainer.ddp)
         if lock is not None:
             lock.release()
@@ -560,7 +618,8 @@ def _model_words(cfg: RunConfig) -> str:
     return f"training this {cfg.model.n_layer}-layer, {cfg.model.n_embd}-wide model"
 
 
-def write_samples(model, tokenizer, path: Path, max_new_tokens: int, device, dtype, seed: int, n: int = 3) -> None:
+def write_samples(model, tokenizer, path: Path, max_new_tokens: int, device, dtype, seed: int, n: int = 3) -> str:
+    """samples.txt: `n` samples from the model; returns its text."""
     from slmkit.generate import GenerationConfig, generate_text
 
     model = unwrap(model)
@@ -568,5 +627,7 @@ def write_samples(model, tokenizer, path: Path, max_new_tokens: int, device, dty
     prompt_ids = [tokenizer.special["eot"]] if "eot" in tokenizer.special else tokenizer.encode("\n")[:1] or [0]
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=200, seed=seed, num_samples=n)
     texts = generate_text(model, tokenizer, prompt_ids=prompt_ids, gen=gen, device=device, dtype=dtype)
-    atomic_write_text(path, "".join(f"--- sample {i + 1} ---\n{t}\n" for i, t in enumerate(texts)))
+    text = "".join(f"--- sample {i + 1} ---\n{t}\n" for i, t in enumerate(texts))
+    atomic_write_text(path, text)
+    return text
 

@@ -37,6 +37,8 @@ from slmkit.runtime import autocast
 
 TASKS = ("sst2", "cola", "storycloze", "multiple_choice", "winograd", "rte", "mrpc", "sick", "stsb")
 NOT_FROM_PAPER = ("rte", "mrpc", "sick", "stsb")
+MAIN_METRIC = {"cola": "mcc", "stsb": "pearson", "sick": "pearson"}
+MAIN_METRIC.update({t: "accuracy" for t in TASKS if t not in MAIN_METRIC})
 RULES = {
     "sst2": 'text + " very"; log P(" positive") vs log P(" negative") (GPT-1 section 5)',
     "cola": "average token log-probability of the sentence above a threshold chosen on --calibrate (GPT-1 section 5)",
@@ -379,19 +381,6 @@ def _build(loaded: Loaded, task: str) -> tuple[list[Group], list[int], list[Item
     return groups, owner, kept, skipped
 
 
-def item_scores(lm, task: str, loaded: Loaded, batch_size: int = 32) -> tuple[list[Item], list[list[float]], int]:
-    """Per kept item, the score of each candidate (sst2, rte...: summed log-probabilities; multiple choice,
-    winograd and cola: the average per token)."""
-    groups, owner, kept, skipped = _build(loaded, task)
-    logps = score_groups(lm.model, groups, batch_size, lm.device, lm.dtype)
-    scores: list[list[float]] = [[] for _ in kept]
-    average = task in ("cola", "storycloze", "multiple_choice", "winograd")
-    for i, cand_logps in zip(owner, logps, strict=True):
-        for lp in cand_logps:
-            scores[i].append(float(lp.mean() if average else lp.sum()))
-    return kept, scores, skipped
-
-
 def best_threshold(scores: np.ndarray, gold: np.ndarray) -> tuple[float, float]:
     """The threshold t (predict 1 when score > t) with the highest MCC on (scores, gold): midpoints
     between consecutive distinct scores, and one below all of them. Ties: the lowest t."""
@@ -421,63 +410,209 @@ def _baselines(task: str, gold: np.ndarray, n_choices: list[int], metrics: list[
     return out
 
 
-def run_zeroshot(lm, task: str, data: str | Path, calibrate: str | Path | None = None, batch_size: int = 32,
-                 log: Callable[[str], None] | None = None) -> ZeroShotResult:
-    """Score a task file with its zero-shot rule."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be a positive integer, got {batch_size!r}")
+def check_task(task: str, calibrate: str | Path | None, flag: str = "--calibrate") -> None:
     if task not in TASKS:
         raise UserError(f"unknown zero-shot task {task!r}; use one of {', '.join(TASKS)}")
     if task == "cola" and not calibrate:
-        raise UserError("cola needs --calibrate FILE: a labelled CoLA file on which the threshold is chosen "
+        raise UserError(f"cola needs {flag} FILE: a labelled CoLA file on which the threshold is chosen "
                         "(e.g. ../shared/data/tasks/cola/train.tsv)")
-    if calibrate and task != "cola":
-        raise UserError(f"--calibrate is for cola only (task {task} has no threshold)")
-    tok = lm.tokenizer
+
+
+def check_answer_words(task: str, tok) -> None:
     if task == "sst2":
         check_words(tok, [" very", " positive", " negative"])
     elif task in NOT_FROM_PAPER:
         check_words(tok, [" True", " False", "Question:", "Answer:"])
-    loaded = load_items(task, data, tok)
-    for note in loaded.notes:
+
+
+@dataclass
+class Prepared:
+    """A task file encoded once: its groups, the item owning each group, the kept items."""
+
+    task: str
+    loaded: Loaded
+    groups: list[Group]
+    owner: list[int]
+    kept: list[Item]
+    skipped: int
+
+    @property
+    def gold(self) -> np.ndarray:
+        return np.array([it.gold for it in self.kept])
+
+
+def prepare_task(task: str, path: str | Path, tokenizer, limit: int = 0) -> Prepared:
+    """Read and encode a task file; `limit` > 0 keeps its first `limit` examples."""
+    loaded = load_items(task, path, tokenizer)
+    if limit:
+        loaded.items = loaded.items[:limit]
+    return Prepared(task, loaded, *_build(loaded, task))
+
+
+def prepared_scores(model, prep: Prepared, batch_size: int, device, dtype) -> list[list[float]]:
+    """Per kept item, the score of each candidate (sst2, rte...: summed log-probabilities; multiple choice,
+    winograd and cola: the average per token)."""
+    logps = score_groups(model, prep.groups, batch_size, device, dtype)
+    scores: list[list[float]] = [[] for _ in prep.kept]
+    average = prep.task in ("cola", "storycloze", "multiple_choice", "winograd")
+    for i, cand_logps in zip(prep.owner, logps, strict=True):
+        for lp in cand_logps:
+            scores[i].append(float(lp.mean() if average else lp.sum()))
+    return scores
+
+
+def rule_metrics(task: str, scores: list[list[float]], gold: np.ndarray,
+                 threshold: float | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """The task's metrics from its candidates' scores, and the predictions."""
+    if task == "cola":
+        pred = (np.array([s[0] for s in scores]) > threshold).astype(int)
+        return {"mcc": M.mcc(pred, gold), "accuracy": M.accuracy(pred, gold)}, pred
+    if task in ("stsb", "sick"):
+        logodds = np.array([s[0] - s[1] for s in scores])
+        return {"pearson": M.pearson(logodds, gold), "spearman": M.spearman(logodds, gold)}, logodds
+    pred = np.array([int(np.argmax(x)) for x in scores])
+    if task in ("sst2", "mrpc"):
+        pred = 1 - pred  # candidate 0 is " positive" / " True" (label 1)
+    # rte: candidate 0 " True" = entailment = label 0, as the argmax
+    metrics = {"accuracy": M.accuracy(pred, gold.astype(int))}
+    if task == "mrpc":
+        metrics["f1"] = M.f1(pred, gold.astype(int))
+    return metrics, pred
+
+
+def task_baselines(prep: Prepared, scores: list[list[float]], metrics: list[str]) -> dict[str, dict[str, float]]:
+    n_choices = [2] * len(scores) if prep.task == "winograd" else [len(s) for s in scores]
+    return _baselines(prep.task, prep.gold, n_choices, metrics)
+
+
+def calibrated_threshold(model, cal: Prepared, batch_size: int, device, dtype) -> tuple[float, float]:
+    """cola: the MCC-maximising threshold on the calibration file, and that MCC."""
+    c_scores = prepared_scores(model, cal, batch_size, device, dtype)
+    return best_threshold(np.array([s[0] for s in c_scores]), cal.gold)
+
+
+def run_zeroshot(lm, task: str, data: str | Path, calibrate: str | Path | None = None, batch_size: int = 32,
+                 log: Callable[[str], None] | None = None, limit: int = 0) -> ZeroShotResult:
+    """Score a task file with its zero-shot rule (`limit` > 0: its first `limit` examples)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise UserError(f"--limit must be a non-negative integer, got {limit!r}")
+    check_task(task, calibrate)
+    if calibrate and task != "cola":
+        raise UserError(f"--calibrate is for cola only (task {task} has no threshold)")
+    tok = lm.tokenizer
+    check_answer_words(task, tok)
+    prep = prepare_task(task, data, tok, limit)
+    for note in prep.loaded.notes:
         log(f"note: {note}")
-    kept, scores, skipped = item_scores(lm, task, loaded, batch_size)
-    if skipped:
-        log(f"note: skipped {skipped} example(s) the run's tokenizer cannot encode")
-    gold = np.array([it.gold for it in kept])
-    per = [{"line": it.line, "gold": it.gold, "scores": s} for it, s in zip(kept, scores, strict=True)]
+    if prep.skipped:
+        log(f"note: skipped {prep.skipped} example(s) the run's tokenizer cannot encode")
+    scores = prepared_scores(lm.model, prep, batch_size, lm.device, lm.dtype)
     threshold, calibration = None, None
     if task == "cola":
-        cal = load_items(task, calibrate, tok)
-        c_kept, c_scores, _ = item_scores(lm, task, cal, batch_size)
-        threshold, cal_mcc = best_threshold(np.array([s[0] for s in c_scores]), np.array([it.gold for it in c_kept]))
-        calibration = {"file": str(calibrate), "examples": len(c_kept), "mcc": cal_mcc}
-        values = np.array([s[0] for s in scores])
-        pred = (values > threshold).astype(int)
-        metrics = {"mcc": M.mcc(pred, gold), "accuracy": M.accuracy(pred, gold)}
-    elif task in ("stsb", "sick"):
-        logodds = np.array([s[0] - s[1] for s in scores])
-        metrics = {"pearson": M.pearson(logodds, gold), "spearman": M.spearman(logodds, gold)}
-        pred = logodds
-    else:
-        s = [np.array(x) for x in scores]
-        pred = np.array([int(np.argmax(x)) for x in s])
-        if task == "sst2":
-            pred = 1 - pred  # candidate 0 is " positive" (label 1)
-        elif task == "mrpc":
-            pred = 1 - pred  # " True" means paraphrase (label 1)
-        # rte: candidate 0 " True" = entailment = label 0, as the argmax
-        metrics = {"accuracy": M.accuracy(pred, gold.astype(int))}
-        if task == "mrpc":
-            metrics["f1"] = M.f1(pred, gold.astype(int))
-    for row, p in zip(per, pred, strict=True):
-        row["pred"] = float(p) if task in ("stsb", "sick") else int(p)
-    n_choices = [len(s) for s in scores]
-    if task == "winograd":
-        n_choices = [2] * len(scores)
-    base = _baselines(task, gold, n_choices, list(metrics))
+        cal = prepare_task(task, calibrate, tok, limit)
+        threshold, cal_mcc = calibrated_threshold(lm.model, cal, batch_size, lm.device, lm.dtype)
+        calibration = {"file": str(calibrate), "examples": len(cal.kept), "mcc": cal_mcc}
+    metrics, pred = rule_metrics(task, scores, prep.gold, threshold)
     if any(math.isnan(v) for v in metrics.values()):
         raise UserError("the metric is undefined on this file (NaN scores)")
-    return ZeroShotResult(task, RULES[task], metrics, base, len(kept), skipped, loaded.malformed, threshold,
-                          calibration, per)
+    per = [{"line": it.line, "gold": it.gold, "scores": s, "pred": float(p) if task in ("stsb", "sick") else int(p)}
+           for it, s, p in zip(prep.kept, scores, pred, strict=True)]
+    return ZeroShotResult(task, RULES[task], metrics, task_baselines(prep, scores, list(metrics)), len(prep.kept),
+                          prep.skipped, prep.loaded.malformed, threshold, calibration, per)
+
+
+# ----------------------------------------------------------------------------- during pre-training
+
+
+def parse_probe_spec(spec: str) -> list[tuple[str, str]]:
+    """"sst2:dev.tsv,cola:dev.tsv" -> [("sst2", "dev.tsv"), ("cola", "dev.tsv")]."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        task, sep, path = part.partition(":")
+        if not part or not sep or not task.strip() or not path.strip():
+            raise UserError(f"--zeroshot takes TASK:FILE[,TASK:FILE...], got {part!r}")
+        task = task.strip()
+        check_task(task, "-", "--zeroshot-calibrate")
+        if task in (t for t, _ in out):
+            raise UserError(f"--zeroshot names task {task} twice")
+        out.append((task, path.strip()))
+    return out
+
+
+def parse_probe_refs(spec: str, tasks: list[str]) -> dict[str, float]:
+    """"sst2=0.913,cola=0.454" -> {"sst2": 0.913, "cola": 0.454}; every task named must be probed."""
+    refs: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        task, sep, value = part.partition("=")
+        try:
+            refs[task.strip()] = float(value) if sep else float("nan")
+        except ValueError:
+            refs[task.strip()] = float("nan")
+        if task.strip() not in tasks:
+            raise UserError(f"--zeroshot-ref names {task.strip()!r}, which --zeroshot does not score")
+        if not math.isfinite(refs[task.strip()]):
+            raise UserError(f"--zeroshot-ref takes TASK=NUMBER[,TASK=NUMBER...], got {part!r}")
+    return refs
+
+
+def check_probe_settings(spec: str, refs: str, calibrate: str) -> None:
+    """The --zeroshot settings checked before any data is prepared: syntax, task names, files."""
+    tasks = parse_probe_spec(spec)
+    names = [t for t, _ in tasks]
+    parse_probe_refs(refs, names)
+    if "cola" in names and not calibrate:
+        check_task("cola", None, "--zeroshot-calibrate")
+    if calibrate and "cola" not in names:
+        raise UserError("--zeroshot-calibrate is for cola only, which --zeroshot does not score")
+    for path in [p for _, p in tasks] + ([calibrate] if calibrate else []):
+        if not Path(path).is_file():
+            raise UserError(f"--zeroshot: task file {path} not found")
+
+
+class ZeroShotProbe:
+    """slmkit's zero-shot rules run on the model at every evaluation of pre-training (GPT-1 Fig. 2
+    right). The task files are read and encoded once. Each task's main metric is also reported
+    normalised: 0 at random guessing, 1 at the reference score the user gives (1.0 by default)."""
+
+    def __init__(self, spec: str, tokenizer, refs: str = "", calibrate: str = "", limit: int = 0,
+                 batch_size: int = 32):
+        check_probe_settings(spec, refs, calibrate)
+        tasks = parse_probe_spec(spec)
+        self.refs = parse_probe_refs(refs, [t for t, _ in tasks])
+        self.batch_size = batch_size
+        self.tasks: list[Prepared] = []
+        for task, path in tasks:
+            check_answer_words(task, tokenizer)
+            self.tasks.append(prepare_task(task, path, tokenizer, limit))
+        self.calibration = prepare_task("cola", calibrate, tokenizer, limit) if calibrate else None
+        self.random: dict[str, float] = {}
+        for prep in self.tasks:
+            shapes = [[0.0] * len(g.candidates) for g in prep.groups]  # winograd's count is fixed at 2
+            main = MAIN_METRIC[prep.task]
+            self.random[prep.task] = task_baselines(prep, shapes, [main])["random"][main]
+            if self.refs.get(prep.task, 1.0) <= self.random[prep.task]:
+                raise UserError(f"--zeroshot-ref {prep.task}={self.refs[prep.task]:g} must be above random guessing "
+                                f"({self.random[prep.task]:.4f}): the curve is normalised between the two")
+
+    def describe(self) -> str:
+        parts = [f"{p.task} ({len(p.kept):,} examples)" for p in self.tasks]
+        return "zero-shot probes at every evaluation: " + ", ".join(parts)
+
+    def __call__(self, model, device, dtype) -> dict[str, float]:
+        """{"zeroshot/TASK": main metric, "zeroshot/TASK/normalized": the same between random and ref}."""
+        out: dict[str, float] = {}
+        for prep in self.tasks:
+            threshold = None
+            if prep.task == "cola":
+                threshold, _ = calibrated_threshold(model, self.calibration, self.batch_size, device, dtype)
+            scores = prepared_scores(model, prep, self.batch_size, device, dtype)
+            metrics, _ = rule_metrics(prep.task, scores, prep.gold, threshold)
+            value = metrics[MAIN_METRIC[prep.task]]
+            value = 0.0 if math.isnan(value) else value  # a constant prediction: no correlation
+            random, ref = self.random[prep.task], self.refs.get(prep.task, 1.0)
+            out[f"zeroshot/{prep.task}"] = round(value, 6)
+            out[f"zeroshot/{prep.task}/normalized"] = round((value - random) / (ref - random), 6)
+        return out

@@ -5,6 +5,7 @@
     chat_cmds      chat, generate --interactive     (an interactive loop; GenerationConfig's settings)
     finetune_cmds  finetune, predict, evaluate      (FinetuneConfig's settings)
     zeroshot_cmds  zeroshot                         (GPT-1 section 5's zero-shot rules; no settings dataclass)
+    lm_eval_cmds   lm-eval                          (lm-evaluation-harness tasks; lm_eval's own options)
     serve_cmds     serve                            (ServeOptions' settings)
     interop_cmds   import, export, card
     sweep_cmds     sweep, sweep report              (SweepOptions, and RunConfig's settings)
@@ -25,6 +26,7 @@ from slmkit.cli import (
     finetune_cmds,
     generate_cmds,
     interop_cmds,
+    lm_eval_cmds,
     serve_cmds,
     sweep_cmds,
     train_cmds,
@@ -38,7 +40,7 @@ __all__ = ["build_parser", "main", "add_config_flags", "config_flags"]
 # In the order `slm --help` lists them: pre-training, using a model, inspecting, fine-tuning, interop, sweeps.
 REGISTERS = (
     train_cmds.register, generate_cmds.register, chat_cmds.register, serve_cmds.register,
-    train_cmds.register_inspection, finetune_cmds.register, zeroshot_cmds.register,
+    train_cmds.register_inspection, finetune_cmds.register, zeroshot_cmds.register, lm_eval_cmds.register,
     interop_cmds.register, sweep_cmds.register,
 )
 

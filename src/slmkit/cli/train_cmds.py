@@ -17,13 +17,18 @@ from slmkit.errors import UserError
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from slmkit.data import prepare
+    from slmkit.data import names_prepared_folder, prepare
 
     cfg = resolve_config(args.preset, args.config, config_flags(args))
-    data = prepare(cfg.data, out_dir=args.out_dir)
+    given = names_prepared_folder(cfg.data)  # a prepared folder as --dataset: checked, not prepared
+    # verify: a sharded folder that is reused, or given as --dataset, has every shard's sha256 checked
+    data = prepare(cfg.data, out_dir=args.out_dir, workers=args.workers, shard_tokens=args.shard_tokens, verify=True)
     m = data.meta
-    print(f"prepared {m['source']}: {m['tokens']['train']:,} train + {m['tokens']['val']:,} val tokens, "
-          f"{data.tokenizer.describe()} -> {data.dir}")
+    shards = sum(len(v) for v in m["shards"].values()) if "shards" in m else 0
+    where = f" in {shards} shards" if shards else ""
+    checked = " (every shard matches its sha256)" if given and shards else ""
+    print(f"prepared {m['source']}: {m['tokens']['train']:,} train + {m['tokens']['val']:,} val tokens{where}, "
+          f"{data.tokenizer.describe()}{checked} -> {data.dir}")
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -174,6 +179,12 @@ def _preset_args(p: argparse.ArgumentParser) -> None:
 def _build_prepare(p: Parser) -> None:
     _preset_args(p)
     add_out_dir(p, "write the prepared files to this folder instead of the cache")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="tokenize in N processes, streaming the corpus into token shards with flat memory "
+                        "(default: all cores; the sharded path is taken when this or --shard-tokens is given, "
+                        "or the corpus is over 256 MB)")
+    p.add_argument("--shard-tokens", type=int, metavar="M",
+                   help="tokens per shard file (default 134217728: 256 MiB of uint16)")
     add_config_flags(p, ("data",))
     p.set_defaults(func=cmd_prepare)
 

@@ -27,7 +27,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     lm = load(args.run, runtime(args, "device"), runtime(args, "dtype"), args.checkpoint)
-    result = run_zeroshot(lm, args.task, args.data, args.calibrate, args.batch_size)
+    result = run_zeroshot(lm, args.task, args.data, args.calibrate, args.batch_size, limit=args.limit)
     if args.json:
         print(json.dumps({"data": str(args.data), **result.as_dict()}))
     else:
@@ -47,6 +47,8 @@ def _build_zeroshot(p: Parser) -> None:
                         '{"context", "choices", "label"}; winograd: JSONL {"sentence" with "_", "options", "label"})')
     p.add_argument("--calibrate", help="cola: a labelled file on which the MCC-maximising threshold is chosen")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
+    p.add_argument("--limit", type=int, default=0,
+                   help="score the first N examples of the file (and of --calibrate); 0 = all")
     add_json(p, "one JSON object, with every example's scores")
     add_runtime_flags(p, "device", "dtype")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")

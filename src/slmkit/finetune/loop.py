@@ -6,7 +6,8 @@ transformed inputs (lambda = 0.5; 0 switches it off). The paper's recipe is the 
 classifier dropout 0.1, weight decay 0.01 on matrices, gradient clipping at 1.
 
 A fine-tuned run directory holds ckpt_best.safetensors (the best epoch on dev: GPT weights, the
-head, the task spec and label mapping), metrics.jsonl, finetune.png, log.txt and finetune.json.
+head, the task spec and label mapping), metrics.jsonl, finetune.png, log.txt and finetune.json, and
+what the experiment trackers of --logger write (slmkit.tracking).
 It is locked for one writer while the fine-tune runs and carries slmkit's ownership marker:
 --overwrite removes only those files, and a folder the user made is never written into.
 """
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from slmkit.checkpoint import BEST, Checkpoint, checkpoint_metadata, find_checkpoint, load_checkpoint, save_checkpoint
+from slmkit.config import logger_names
 from slmkit.errors import UserError
 from slmkit.fileio import (
     FolderLock,
@@ -46,8 +48,11 @@ from slmkit.runlog import METRICS, RunLog, pyplot, read_metrics, save_figure
 from slmkit.runtime import autocast, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 from slmkit.schedule import warmup_linear
 from slmkit.tokenizers import Tokenizer
+from slmkit.tracking import check_outputs, open_trackers, require_loggers
 
 PLOT, LOG, SUMMARY = "finetune.png", "log.txt", "finetune.json"
+# Metrics that range over [-1, 1] (the others, accuracy and F1, over [0, 1]): finetune.png's scale.
+SIGNED_METRICS = ("mcc", "pearson", "spearman")
 RUN_FILES = (BEST, METRICS, PLOT, LOG, SUMMARY)
 META_KEY = "finetune"
 KIND = "finetune"  # the ownership marker's kind for a fine-tuned run directory
@@ -77,6 +82,9 @@ class FinetuneConfig:
     seed: int = option(0, "random seed (head init, shuffling, dropout)")
     eval_batch_size: int = option(64, "examples per evaluation batch")
     log_interval: int = option(10, "log the training loss every N steps", cli=False)
+    logger: str = option("", "also log to these experiment trackers, comma-separated: csv (metrics.csv), "
+                             "tensorboard, wandb, mlflow (each but csv is an optional extra; metrics.jsonl is "
+                             "always written)", metavar="NAME[,NAME...]")
     device: str = option("auto", runtime=True)
     dtype: str = option("auto", runtime=True)
 
@@ -112,6 +120,7 @@ class FinetuneConfig:
             raise UserError(f"--transfer-layers must be a whole number of layers, got {n!r}")
         if n is not None and self.random_init:
             raise UserError("--transfer-layers keeps pre-trained layers and --random-init keeps none: give one of them")
+        logger_names(self.logger)
 
     def layers_transferred(self, n_layer: int) -> int | None:
         """How many pre-trained blocks this fine-tune keeps (None: --random-init, nothing is transferred)."""
@@ -381,6 +390,7 @@ class _Job:
     test: tuple[list[Example], list[Encoded]] | None
     n_params: int
     transferred: int | None = None  # pre-trained blocks kept (None: random init)
+    baseline: dict[str, float] = field(default_factory=dict)  # the dev set's majority-class scores
 
 
 def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_path: str | Path,
@@ -409,8 +419,10 @@ def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_pa
                    f"re-initialised the rest with seed {cfg.seed}")
     log.text(f"model: {n_params / 1e6:.2f}M parameters ({origin}), "
              f"{tokenizer.describe()}; task {spec.name} ({spec.family}), lambda {cfg.lm_coef}")
+    baseline = M.majority_baseline(spec.metrics, np.array([ex.label for ex in dev[0]]))
+    log.text("dev majority-class baseline: " + "  ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
     return _Job(spec, cfg, ckpt, model, tokenizer, device, dtype, max_len, train_enc, dev, test, n_params,
-                transferred)
+                transferred, baseline)
 
 
 def finetune(
@@ -428,17 +440,26 @@ def finetune(
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     spec.validate()
+    require_loggers(cfg.logger)  # a tracker that is not installed fails here, before anything is written
     run_dir = Path(out_dir)
     check_run_dir(run_dir, overwrite)  # a wrong --out-dir fails at once, not after loading the model
+    check_outputs(run_dir, cfg.logger)
     # Lines logged while loading are held and written to log.txt once the folder is claimed.
     log = RunLog(None, text_file=LOG, echo=progress)
     job = _load_job(source, spec, train_path, dev_path, test_path, cfg, log)
     lock = open_finetune_dir(run_dir, overwrite)  # --overwrite removes the old run only now, inputs all good
+    ok = False
     try:
         log.open(run_dir)
-        return _train(job, run_dir, log)
+        hparams = {**asdict(cfg), "task": spec.name, "family": spec.family, "source": str(job.ckpt.path),
+                   "n_params": job.n_params, **{f"dev_majority_{k}": v for k, v in job.baseline.items()}}
+        metrics = [f"{split}_{m}" for split in ("dev", "test") for m in spec.metrics]
+        log.extra += open_trackers(cfg.logger, run_dir, hparams, metrics)
+        result = _train(job, run_dir, log)
+        ok = True
+        return result
     finally:
-        log.close()
+        log.close(ok)
         lock.release()
 
 
@@ -520,7 +541,7 @@ def _train(job: _Job, run_dir: Path, log: RunLog) -> FinetuneResult:
                 save_checkpoint(run_dir / BEST, model.gpt, save_cfg, job.tokenizer, state,
                                 extra_tensors=model.head_tensors(),
                                 extra_meta={META_KEY: json.dumps({**info, "epoch": epoch, "dev": dev})})
-            plot_finetune(run_dir, spec)
+            plot_finetune(run_dir, spec, job.baseline)
     except KeyboardInterrupt:
         raise UserError(f"interrupted at step {step}; the best checkpoint so far is in {run_dir}") from None
     finally:
@@ -544,7 +565,7 @@ def _train(job: _Job, run_dir: Path, log: RunLog) -> FinetuneResult:
                "eval_examples_per_s": round(result.eval_examples_per_s, 1),
                "elapsed_s": round(result.elapsed, 1), "params": job.n_params, "config": asdict(cfg),
                "source": str(job.ckpt.path), "transfer_layers": job.transferred,
-               "n_layer": job.model.gpt.config.n_layer}
+               "n_layer": job.model.gpt.config.n_layer, "dev_majority_baseline": job.baseline}
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2))
     return result
 
@@ -557,8 +578,10 @@ def _label_mapping(spec: TaskSpec) -> dict[str, Any]:
             for i, v in enumerate(labels)}
 
 
-def plot_finetune(run_dir: Path, spec: TaskSpec) -> None:
-    """finetune.png: training loss against steps and the dev metrics at the end of each epoch."""
+def plot_finetune(run_dir: Path, spec: TaskSpec, baseline: dict[str, float] | None = None) -> None:
+    """finetune.png: training loss against steps and the dev metrics at the end of each epoch, on a
+    fixed scale (accuracy and F1 from 0 to 1; with MCC, Pearson or Spearman from -1 to 1), each beside
+    its majority-class baseline on the dev set (`baseline`, a dotted line)."""
     plt = pyplot()
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -575,10 +598,15 @@ def plot_finetune(run_dir: Path, spec: TaskSpec) -> None:
         pts = [(r["step"], r[f"dev_{m}"]) for r in records if f"dev_{m}" in r]
         if pts:
             ax2.plot(*zip(*pts, strict=True), "o-", color=f"C{i + 1}", label=f"dev {m}")
+        if baseline and m in baseline:
+            ax2.axhline(baseline[m], color=f"C{i + 1}", linestyle=":", linewidth=1.5,
+                        label=f"majority class: {m} {baseline[m]:.3f}")
+    low = -1.0 if any(m in SIGNED_METRICS for m in spec.metrics) else 0.0
+    ax2.set_ylim(low - 0.03, 1.03)  # fixed: epochs and runs compare at a glance
     ax2.set_ylabel("dev metric")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best")
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best", fontsize="small")
     ax.set_title(f"{run_dir.name}: {spec.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()

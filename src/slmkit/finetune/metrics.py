@@ -61,3 +61,14 @@ METRIC_FNS = {"accuracy": accuracy, "mcc": mcc, "f1": f1, "pearson": pearson, "s
 
 def compute(names: list[str], pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     return {name: METRIC_FNS[name](pred, gold) for name in names}
+
+
+def majority_baseline(names: list[str], gold: np.ndarray) -> dict[str, float]:
+    """Each metric of predicting the most frequent gold value for every example (GLUE's majority-class
+    baseline): accuracy is that class's share, F1 its F1 when it is the positive class (else 0), and MCC,
+    Pearson and Spearman are 0, as a constant prediction correlates with nothing."""
+    gold = np.asarray(gold)
+    if not len(gold):
+        return dict.fromkeys(names, 0.0)
+    values, counts = np.unique(gold, return_counts=True)
+    return compute(names, np.full_like(gold, values[np.argmax(counts)]), gold)

@@ -22,6 +22,7 @@ from slmkit.checkpoint import checkpoint_metadata, find_checkpoint
 from slmkit.config import RunConfig
 from slmkit.errors import UserError
 from slmkit.runlog import read_metrics
+from slmkit.zeroshot import MAIN_METRIC
 
 CARD = "README.md"
 HF_TOKENIZERS = ("bpe", "gpt2", "gpt1")  # the tokenizer kinds `slm export` writes in a Hugging Face format
@@ -174,13 +175,12 @@ def model_card(run: str | Path, which: str = "best", datasets: list[str] | tuple
                               f"{_fmt(loss)}{' (' + ', '.join(extra) + ')' if extra else ''}.")
         if lm.metrics:
             results.append(lm)
-    for r in records:
-        zs = _zeroshot(r)
-        if zs is not None:
-            task, values = zs
-            results.append(Result(f"zero-shot {task}", task, str(r.get("split", "")),
-                                  [(k, f"zero-shot {k}", v) for k, v in values.items()]))
-            eval_lines.append(f"- Zero-shot `{task}`: " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
+    probed = next((r for r in reversed(records) if _zeroshot(r)), None)
+    for task, metric, value, norm in _zeroshot(probed) if probed else []:
+        results.append(Result(f"zero-shot {task}", task, "", [(metric, f"zero-shot {metric}", value)]))
+        eval_lines.append(f"- Zero-shot `{task}` (GPT-1 section 5 rule, `slm train --zeroshot`) at step "
+                          f"{probed['step']:,}: {metric} {_fmt(value)}, normalised {norm:+.3f} "
+                          "(0 = random guessing, 1 = the reference given)")
 
     # ------------------------------------------------------------------ front matter
     head: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
@@ -281,17 +281,13 @@ def _last_prefixed(records: list[dict[str, Any]], prefix: str) -> dict[str, floa
     return {}
 
 
-def _zeroshot(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
-    """A zero-shot record of metrics.jsonl (`{"zeroshot": {...}}` or `{"kind": "zeroshot", ...}`):
-    its task and numeric values, as recorded."""
-    inner = r.get("zeroshot")
-    if isinstance(inner, dict):
-        values, task = _numbers(inner.get("metrics") if isinstance(inner.get("metrics"), dict) else inner), \
-            inner.get("task", r.get("task"))
-    elif r.get("kind") == "zeroshot":
-        values, task = {k: v for k, v in _numbers(r).items() if k not in ("step", "epoch")}, r.get("task")
-        if isinstance(r.get("metrics"), dict):
-            values = _numbers(r["metrics"])
-    else:
-        return None
-    return (str(task or "zero-shot"), values) if values else None
+def _zeroshot(r: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """The zero-shot probes of an evaluation record (`zeroshot/TASK` and `zeroshot/TASK/normalized`,
+    as `slm train --zeroshot` logs them): (task, metric, value, normalised value) for each task."""
+    out = []
+    for key, value in r.items():
+        parts = key.split("/")
+        norm = r.get(f"{key}/normalized")
+        if len(parts) == 2 and parts[0] == "zeroshot" and _finite(value) and _finite(norm):
+            out.append((parts[1], MAIN_METRIC.get(parts[1], "score"), float(value), float(norm)))
+    return out

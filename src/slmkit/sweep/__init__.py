@@ -11,6 +11,7 @@ Library use: `create(sweep_dir, base, **options)` (the fields of SweepOptions) t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from slmkit.errors import UserError
 from slmkit.options import option
 from slmkit.sweep.report import collect_rows, write_report
 from slmkit.sweep.runner import (
+    DB_FILE,
+    HEARTBEAT_S,
+    LOCK_FILE,
+    MAX_HEARTBEAT_S,
     MAX_SEEDS,
     MAX_TRIALS,
     SAMPLER_SEED_LIMIT,
@@ -34,6 +39,7 @@ from slmkit.sweep.runner import (
     storage_errors,
 )
 from slmkit.sweep.space import expand_grid, format_cell, parse_space, valid_grid
+from slmkit.tracking import require_loggers
 
 # What --trial-seconds decides for each trial (runner.Plan), so a sweep cannot also vary it.
 BUDGET_SETS = ("max_iters", "epochs", "eval_interval")
@@ -62,6 +68,9 @@ class SweepOptions:
     study_name: str | None = option(None, "study name in the storage (default: the sweep directory's name)")
     skip_invalid: bool = option(False, "skip invalid grid cells instead of failing")
     sampler_seed: int = option(0, "seed of the random / TPE sampler")
+    heartbeat: int = option(HEARTBEAT_S, "workers record a heartbeat every S seconds while a trial runs; a trial "
+                                         "silent for 4 S + 5 s (45 s by default) is failed and queued again",
+                            metavar="S")
 
 
 def sweep_options(**options: Any) -> SweepOptions:
@@ -111,6 +120,7 @@ def create(sweep_dir: str | Path, base, *, log=print, **options: Any) -> SweepSp
         check_count("trials", trials, 1, MAX_TRIALS, "--trials")
     check_count("seeds", o.seeds, 1, MAX_SEEDS, "--seeds")
     check_count("sampler_seed", o.sampler_seed, 0, SAMPLER_SEED_LIMIT - 1, "--sampler-seed")
+    check_count("heartbeat", o.heartbeat, 1, MAX_HEARTBEAT_S, "--heartbeat")
     check_trial_seconds(trial_seconds, "--trial-seconds")
     space = parse_space(grid or params, base, "--grid" if grid else "--param", ranges=not grid)
     budgeted = sorted(p.name for p in space if p.name in BUDGET_SETS)
@@ -118,11 +128,12 @@ def create(sweep_dir: str | Path, base, *, log=print, **options: Any) -> SweepSp
         raise UserError(f"--trial-seconds sets max_iters and eval_interval per trial from the time budget; do not "
                         f"also sweep {', '.join(budgeted)}")
     base.validate()
+    require_loggers(base.train.logger)  # every trial logs to them: a missing one fails before the sweep exists
     skipped: list[tuple[dict, str]] = []
     spec = SweepSpec(
         mode=mode, params=space, n_trials=trials or 0, base=base.to_dict(), storage="", study_name="",
         trial_seconds=trial_seconds, seeds=o.seeds, prune=(mode != "grid") if o.prune is None else o.prune,
-        sampler_seed=o.sampler_seed,
+        sampler_seed=o.sampler_seed, heartbeat=o.heartbeat,
     )
     cells = None
     if mode == "grid":
@@ -137,11 +148,31 @@ def create(sweep_dir: str | Path, base, *, log=print, **options: Any) -> SweepSp
 
     # Created and marked as slmkit's before the study exists: an unwritable or foreign --out-dir is
     # refused here, and nothing is left in the storage.
+    new_folder = not sweep_dir.exists()
     claim_folder(sweep_dir, "sweep", overwrite=False, flag="--out-dir")
     spec.storage = o.storage or default_storage(sweep_dir)
     spec.study_name = o.study_name or sweep_dir.resolve().name
-    create_sweep(spec, sweep_dir, cells)
+    try:
+        create_sweep(spec, sweep_dir, cells)
+    except BaseException:
+        # A storage that cannot be reached (or refuses the study) leaves no folder that looks like a
+        # started sweep: the folder this call made goes again, if nothing else came into it.
+        if new_folder:
+            unclaim_folder(sweep_dir)
+        raise
     return spec
+
+
+def unclaim_folder(folder: Path) -> None:
+    """Remove a folder claim_folder() just created, with its marker, unless it now holds anything else."""
+    from slmkit.fileio import LOCK, MARKER
+
+    entries = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if entries <= {MARKER, LOCK, DB_FILE, f"{DB_FILE}-journal", LOCK_FILE}:
+        for name in entries:
+            (folder / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def run(sweep_dir: str | Path, show: bool = True, report: bool = True, worker_seed: int | None = None,
@@ -151,6 +182,7 @@ def run(sweep_dir: str | Path, show: bool = True, report: bool = True, worker_se
 
     sweep_dir = Path(sweep_dir)
     spec = load_spec(sweep_dir)
+    require_loggers(spec.base_config().train.logger)  # a worker that lacks a tracker says so before any trial
     data = prepare(spec.base_config().data)  # once, shared by every trial
     with storage_errors(spec.storage):
         ran = run_worker(sweep_dir, str(data.dir), show=show, worker_seed=worker_seed, max_trials=max_trials)

@@ -6,10 +6,18 @@ How trials are handed out, so that parallel workers never run a trial twice:
 * grid and random: every configuration is put in Optuna's trial queue (`enqueue_trial`) when the
   sweep is created; a worker takes a queued trial by moving it WAITING -> RUNNING, which the
   storage does atomically (the same step as `Study.ask`). When the queue is empty the sweep is done.
-* tpe: a worker asks TPE for a new trial while fewer than N trials exist (under a file lock when the
-  storage is a local SQLite file).
-* A worker that dies stops sending heartbeats; its trial is marked failed and queued again
-  (Optuna's RetryHeartbeatStaleTrialCallback). Ctrl-C does the same at once.
+* tpe: a worker asks TPE for a new trial while fewer than N trials exist, under a lock: a file lock
+  when the storage is a local SQLite file, a PostgreSQL advisory lock when it is PostgreSQL (other
+  databases have none, and workers on several machines may then ask for a trial or two more than N).
+* A worker that dies stops sending heartbeats (every `heartbeat` seconds, 10 by default); after
+  grace_seconds() of silence any other worker marks its trial failed and queues the same parameters
+  again (Optuna's RetryHeartbeatStaleTrialCallback). Ctrl-C does the same at once. A worker that was
+  only silent (a network outage longer than the grace period) and then finishes its trial finds it
+  taken over: its result is dropped, since the retry stands for that configuration.
+
+Storages: SQLite (the default, `study.db` in the sweep folder) serves the workers of one machine:
+they share the file through file locks, which network filesystems do not reliably provide.
+PostgreSQL (`--storage postgresql://user:password@host/db`) serves workers on any number of machines.
 
 Equal compute (`--trial-seconds S`): before a trial, a few real optimizer steps and one evaluation
 are timed, and max_iters is set to the steps that fit in S seconds, so that every trial runs its
@@ -28,6 +36,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -42,7 +51,10 @@ from slmkit.errors import UserError
 from slmkit.sweep.space import Param, apply_params, check_cell
 
 SPEC_FILE, DB_FILE, LOCK_FILE, TRIALS_DIR = "sweep.json", "study.db", ".study.lock", "trials"
-HEARTBEAT_S, GRACE_S = 10, 45
+HEARTBEAT_S, MAX_HEARTBEAT_S = 10, 3600  # the default interval between a worker's heartbeats, and the most
+# Seconds for which a database connection may not answer before a sweep command gives up (a PostgreSQL
+# URL's own ?connect_timeout=N wins).
+CONNECT_TIMEOUT_S = 10
 MODES = ("grid", "random", "tpe")
 # Limits that stop a typo, not a real sweep: trials (grid cells are expanded in memory), seeds per
 # trial, the seconds of one trial (about 4 months), and the sampler seed (numpy's RandomState needs < 2**32).
@@ -62,6 +74,7 @@ class SweepSpec:
     prune: bool = False
     sampler_seed: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)  # invalid grid cells, with reasons
+    heartbeat: int = HEARTBEAT_S  # seconds between a worker's heartbeats (sweep.json before it: 10)
     version: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +106,7 @@ class SweepSpec:
         check_count("n_trials", self.n_trials, 0, MAX_TRIALS)
         check_count("seeds", self.seeds, 1, MAX_SEEDS)
         check_count("sampler_seed", self.sampler_seed, 0, SAMPLER_SEED_LIMIT - 1)
+        check_count("heartbeat", self.heartbeat, 1, MAX_HEARTBEAT_S)
         check_trial_seconds(self.trial_seconds)
         for name in ("storage", "study_name"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -190,22 +204,65 @@ def storage_errors(url: str):
         raise UserError(redact_text(f"the study storage {url} failed: {first}", url)) from None
 
 
-def open_storage(url: str):
-    """An Optuna RDB storage with heartbeats; any failure is a one-line UserError."""
+def grace_seconds(heartbeat: int) -> int:
+    """Seconds without a heartbeat after which a running trial counts as dead (10 s -> 45 s): a few
+    missed heartbeats, and a margin for a busy database or a slow network."""
+    return 4 * heartbeat + 5
+
+
+def is_postgres(url: str) -> bool:
+    return url.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+def with_driver(url: str) -> str:
+    """The URL SQLAlchemy is given. A PostgreSQL URL that names no driver (`postgresql://...`) gets
+    the one installed: SQLAlchemy's default is psycopg2 before 2.1 and psycopg (3) since, and
+    `pip install slmkit[sweep]` installs psycopg. `postgres://` (as some hosts print it) is accepted too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    from sqlalchemy.dialects import registry
+
+    for driver in ("psycopg", "psycopg2"):
+        if importlib.util.find_spec(driver) is None:
+            continue
+        with contextlib.suppress(Exception):  # a SQLAlchemy too old for this driver
+            registry.load(f"postgresql.{driver}")
+            return f"postgresql+{driver}://{rest}"
+    raise UserError("a postgresql:// study storage needs a PostgreSQL driver: pip install \"psycopg[binary]\" "
+                    "(it comes with slmkit[sweep])")
+
+
+def connect_args(url: str) -> dict[str, Any]:
+    """What the database driver is given besides the URL."""
+    if url.startswith("sqlite:"):
+        # Parallel workers wait for each other's writes instead of failing with "database is locked".
+        return {"timeout": 60}
+    if is_postgres(url) and "connect_timeout=" not in url:
+        # A host that does not answer at all (a firewall dropping packets) is an error after this
+        # long, not a hang of minutes.
+        return {"connect_timeout": CONNECT_TIMEOUT_S}
+    return {}
+
+
+def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
+    """An Optuna RDB storage with heartbeats every `heartbeat` seconds; any failure (driver missing,
+    server down or not answering, bad URL, unwritable file) is a one-line UserError."""
     import optuna
 
     _quiet_optuna()
     if not isinstance(url, str) or not url:
         raise UserError(f"the study storage must be a URL, got {show(url)}")
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:"):
-        # Parallel workers wait for each other's writes instead of failing with "database is locked".
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(), **kwargs,
+            with_driver(url), heartbeat_interval=heartbeat, grace_period=grace_seconds(heartbeat),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+            engine_kwargs={"connect_args": connect_args(url)},
         )
+    except UserError:
+        raise
     except Exception as exc:  # driver missing, host unreachable, bad URL, unwritable file...
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise UserError(redact_text(f"cannot open the study storage {url}: {first}", url)) from None
@@ -254,7 +311,7 @@ def create_sweep(spec: SweepSpec, sweep_dir: Path, cells: list[dict[str, Any]] |
     """Write sweep.json, create the study and queue the cells (grid / random)."""
     import optuna
 
-    storage = open_storage(spec.storage)
+    storage = open_storage(spec.storage, spec.heartbeat)
     try:
         study = optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
                                     sampler=_sampler(spec, spec.sampler_seed), pruner=_pruner(spec))
@@ -314,7 +371,7 @@ def load_spec(sweep_dir: Path) -> SweepSpec:
 def load_study(spec: SweepSpec, worker_seed: int | None = None):
     import optuna
 
-    storage = open_storage(spec.storage)
+    storage = open_storage(spec.storage, spec.heartbeat)
     try:
         return optuna.load_study(study_name=spec.study_name, storage=storage,
                                  sampler=_sampler(spec, worker_seed), pruner=_pruner(spec))
@@ -344,8 +401,16 @@ def counted_trials(study) -> list:
     return [t for t in trials if t.state != TrialState.WAITING and t.number not in gone]
 
 
+# The first key of the PostgreSQL advisory locks this module takes (the second: the study's name, hashed).
+_PG_LOCK_KEY = 0x534C4D  # "SLM"
+
+
 def _study_lock(spec: SweepSpec, sweep_dir: Path):
-    """A file lock around 'count, then ask' when the storage is a local SQLite file."""
+    """A lock around 'take a queued trial, or count and ask': a file lock when the storage is a local
+    SQLite file, an advisory lock held by one connection when it is PostgreSQL (workers on any
+    machine), none otherwise (the queue alone is atomic there; tpe may overshoot N by a trial)."""
+    if is_postgres(spec.storage):
+        return _pg_lock(spec)
     if not spec.storage.startswith("sqlite:"):
         return contextlib.nullcontext()
     import fcntl
@@ -364,6 +429,34 @@ def _study_lock(spec: SweepSpec, sweep_dir: Path):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     return locked()
+
+
+_lock_engines: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _pg_lock(spec: SweepSpec):
+    """PostgreSQL's session advisory lock on (slmkit, the study's name), taken and given back on one
+    connection; a worker that dies holding it loses its connection, and the server releases it."""
+    import zlib
+
+    import sqlalchemy
+
+    engine = _lock_engines.get(spec.storage)
+    if engine is None:
+        engine = sqlalchemy.create_engine(with_driver(spec.storage), poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args=connect_args(spec.storage))
+        _lock_engines[spec.storage] = engine
+    name = zlib.crc32(spec.study_name.encode())
+    key = {"a": _PG_LOCK_KEY, "b": name - 2**32 if name >= 2**31 else name}  # two int4 keys
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:a, :b)"), key)
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:a, :b)"), key)
+            conn.commit()
 
 
 # Optuna has no public way to move a queued trial to RUNNING atomically or to send a heartbeat for a
@@ -410,11 +503,20 @@ def next_trial(study, spec: SweepSpec, sweep_dir: Path):
     """The next trial for this worker, or None when nothing is left to start."""
     import optuna
 
-    optuna.storages.fail_stale_trials(study)  # dead workers' trials go back to the queue
     with _study_lock(spec, sweep_dir):
+        # Dead workers' trials go back to the queue. Under the lock: on SQLite two workers could
+        # otherwise both see the same trial running, both fail it, and both queue it again.
+        optuna.storages.fail_stale_trials(study)
         trial = _pop_queued(study)
         if trial is None and spec.mode == "tpe" and len(counted_trials(study)) < spec.n_trials:
             trial = study.ask()
+        if trial is not None:
+            # At once: a worker that died before its first heartbeat would leave a trial running
+            # forever (only trials with a heartbeat can go stale), and the other workers waiting for it.
+            _storage_of(study).record_heartbeat(_trial_id(trial))
+    if trial is not None:
+        # Which machine and process ran it: on several machines, where its run directory is.
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     return trial
 
 
@@ -423,6 +525,7 @@ class Heartbeat:
 
     def __init__(self, study, trial_id: int):
         self.storage, self.trial_id = _storage_of(study), trial_id
+        self.interval = self.storage.get_heartbeat_interval() or HEARTBEAT_S
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -430,7 +533,7 @@ class Heartbeat:
         while not self.stop.is_set():
             with contextlib.suppress(Exception):
                 self.storage.record_heartbeat(self.trial_id)
-            self.stop.wait(HEARTBEAT_S)
+            self.stop.wait(self.interval)
 
     def __enter__(self):
         self.thread.start()
@@ -631,10 +734,19 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
             summary.update(state="complete", value=mean, std=float(np.std(losses)), params=results[0].params,
                            tokens_per_s=float(np.mean([r.tokens_per_s for r in results])),
                            elapsed=float(np.mean(walls)), steps=results[0].step)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return _taken_over(trial, summary)
     except optuna.TrialPruned as exc:
+        if _finished_elsewhere(study, trial):
+            return _taken_over(trial, summary)
         study.tell(trial, state=TrialState.PRUNED)
         summary.update(state="pruned", error=str(exc))
     except (KeyboardInterrupt, Exception) as exc:
+        if _finished_elsewhere(study, trial):
+            if interrupt.hit or isinstance(exc, KeyboardInterrupt):
+                raise UserError(f"interrupted during trial {trial.number}; continue with: "
+                                f"slm sweep --resume {sweep_dir}") from None
+            return _taken_over(trial, summary)
         if interrupt.hit or isinstance(exc, KeyboardInterrupt):
             # Not the trial's fault: record it as failed and queue the same configuration again.
             trial.set_user_attr("error", "interrupted")
@@ -648,6 +760,22 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
         trial.set_user_attr("error", message[:500])
         study.tell(trial, state=TrialState.FAIL)
         summary.update(state="fail", error=message)
+    return summary
+
+
+def _finished_elsewhere(study, trial) -> bool:
+    """Whether another worker already marked this running trial failed (its heartbeats stopped
+    reaching the storage for longer than the grace period) and queued it again."""
+    with contextlib.suppress(Exception):
+        return _storage_of(study).get_trial(_trial_id(trial)).state.is_finished()
+    return False
+
+
+def _taken_over(trial, summary: dict) -> dict:
+    """The summary of a trial another worker gave up on while it ran here: its retry stands for its
+    configuration, so this result is not recorded (recording both would count the cell twice)."""
+    summary.update(state="retried", error=f"trial {trial.number} went silent for longer than the heartbeat "
+                                          "grace period; another worker marked it failed and queued it again")
     return summary
 
 
@@ -715,7 +843,7 @@ class LiveTable:
         line = self._row(cells)
         if self.bar is None:
             line = f"{line}   [{self.done}/{self.total}]"
-        if s.get("error") and s["state"] == "fail":
+        if s.get("error") and s["state"] in ("fail", "retried"):
             line += f"   {s['error'][:100]}"
         self._print(line)
         if self.bar is not None:

@@ -60,6 +60,15 @@ class HFByteLevelTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_array(self, text: str) -> Any:
+        """encode() as a numpy array; without the character offsets HF computes otherwise (tokenizers
+        >= 0.20: about 1.6x faster on one core), for corpus preparation."""
+        import numpy as np
+
+        fast = getattr(self.hf, "encode_batch_fast", None)
+        encoding = fast([text], add_special_tokens=False)[0] if fast else self.hf.encode(text, add_special_tokens=False)
+        return np.asarray(encoding.ids, dtype=np.uint32)
+
     def token_bytes(self, token_id: int) -> bytes:
         if token_id in self._special_ids:
             return self._special_ids[token_id].encode()

@@ -100,6 +100,15 @@ class GPT2Tokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts, num_threads=_threads())
 
+    def encode_array(self, text: str) -> Any:
+        """encode() as a numpy array, without a Python list in between (corpus preparation)."""
+        to_numpy = getattr(self._enc, "encode_to_numpy", None)  # tiktoken >= 0.8
+        if to_numpy is None:
+            import numpy as np
+
+            return np.asarray(self.encode(text), dtype=np.uint32)
+        return to_numpy(text, allowed_special=set(), disallowed_special=())  # no special: encode_ordinary
+
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < len(self._bytes):
             raise UserError(f"token id {token_id} is outside this vocabulary")
