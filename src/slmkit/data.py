@@ -568,28 +568,37 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None, progress: bool 
         val_ids = val_future.result()
     n_train, n_val = _chars(train_pieces), _chars(val_pieces)
     check_token_counts(int(train_ids.size), int(val_ids.size), n_train + n_val, corpus.source)
-    meta = {
-        "key": key,
-        "source": corpus.source,
-        "val_source": val_corpus.source if val_corpus else None,
-        "corpus_sha256": corpus_sha,
-        "tokenizer": tok.kind,
-        "tokenizer_fingerprint": tok.fingerprint(),
-        "vocab_size": tok.vocab_size,
-        "dtype": np.dtype(train_ids.dtype).name,
-        "val_fraction": data.val_fraction,
-        "layout": LAYOUT,
-        "documents": corpus.count + (val_corpus.count if val_corpus else 0),
-        # the token after each document; None when the documents are joined by blank lines instead
-        "end_of_text": tok.special.get("eot") if any(p.eot for p in train_pieces + val_pieces) else None,
-        "chars": {"train": n_train, "val": n_val},
-        "tokens": {"train": int(train_ids.size), "val": int(val_ids.size)},
-    }
+    meta = prepared_meta(key, data, tok, corpus.source, val_corpus.source if val_corpus else None, corpus_sha,
+                         corpus.count + (val_corpus.count if val_corpus else 0),
+                         any(p.eot for p in train_pieces + val_pieces), (n_train, n_val),
+                         (int(train_ids.size), int(val_ids.size)))
     try:
         _write_prepared(target, flag, meta, tok, train_ids, val_ids)
     except _PreparedMeanwhile:
         pass
     return open_prepared(target)
+
+
+def prepared_meta(key: str, data: DataConfig, tok: Tokenizer, source: str, val_source: str | None, corpus_sha: str,
+                  documents: int, eot: bool, chars: tuple[int, int], tokens: tuple[int, int]) -> dict[str, Any]:
+    """meta.json of a prepared folder, one file or shards (which add their manifest)."""
+    return {
+        "key": key,
+        "source": source,
+        "val_source": val_source,
+        "corpus_sha256": corpus_sha,
+        "tokenizer": tok.kind,
+        "tokenizer_fingerprint": tok.fingerprint(),
+        "vocab_size": tok.vocab_size,
+        "dtype": token_dtype(tok).name,
+        "val_fraction": data.val_fraction,
+        "layout": LAYOUT,
+        "documents": documents,
+        # the token after each document; None when the documents are joined by blank lines instead
+        "end_of_text": tok.special.get("eot") if eot else None,
+        "chars": {"train": chars[0], "val": chars[1]},
+        "tokens": {"train": tokens[0], "val": tokens[1]},
+    }
 
 
 def _tokenizer_and_splits(data: DataConfig, corpus: Corpus, progress: bool, tokenizer: Tokenizer | None,
@@ -1021,24 +1030,10 @@ def prepare_streaming(data: DataConfig, out_dir: str | Path | None = None, progr
             raise
         manifest = {s: [{k: v for k, v in e.items() if k != "next"} for e in writer.shards[s]]
                     for s in ("train", "val")}
-        meta = {
-            "key": key,
-            "source": corpus.source,
-            "val_source": val_corpus.source if val_corpus else None,
-            "corpus_sha256": corpus_sha,
-            "tokenizer": tok.kind,
-            "tokenizer_fingerprint": fingerprint,
-            "vocab_size": tok.vocab_size,
-            "dtype": token_dtype(tok).name,
-            "val_fraction": data.val_fraction,
-            "layout": LAYOUT,
-            "documents": scan.documents + (val_scan.documents if val_scan else 0),
-            "end_of_text": tok.special.get("eot") if eot else None,
-            "chars": {"train": n_train, "val": n_val},
-            "tokens": {"train": n_train_tokens, "val": n_val_tokens},
-            "shard_tokens": shard_size,
-            "shards": manifest,
-        }
+        meta = prepared_meta(key, data, tok, corpus.source, val_corpus.source if val_corpus else None, corpus_sha,
+                             scan.documents + (val_scan.documents if val_scan else 0), eot, (n_train, n_val),
+                             (n_train_tokens, n_val_tokens))
+        meta.update(shard_tokens=shard_size, shards=manifest)
         _write_durably(stage / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
         (stage / PROGRESS).unlink()
         names = sorted(e["file"] for s in ("train", "val") for e in manifest[s]) + ["meta.json", "tokenizer.json"]

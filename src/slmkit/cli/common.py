@@ -30,6 +30,20 @@ def add_text_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", help="read the text from a file ('-' = stdin)")
 
 
+def add_threads(parser: argparse.ArgumentParser, help: str = "torch CPU threads; 0 = torch's default") -> None:
+    parser.add_argument("--threads", type=int, default=0, help=help)
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """--threads N: torch's CPU thread count for this command (0 keeps torch's default)."""
+    if args.threads < 0:
+        raise UserError(f"--threads must not be negative, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def add_json(parser: argparse.ArgumentParser, help: str = "print one JSON object") -> None:
     parser.add_argument("--json", action="store_true", help=help)
 

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from slmkit.cli.common import add_json, add_out_dir, refuse_pretrained
+from slmkit.cli.common import add_json, add_out_dir, add_threads, refuse_pretrained, set_threads
 from slmkit.cli.flags import Parser, add_dataclass_flags, add_runtime_flags, given, runtime
 from slmkit.errors import UserError
 
@@ -47,7 +47,7 @@ def finetune_config(args: argparse.Namespace):
 def cmd_finetune(args: argparse.Namespace) -> None:
     from slmkit.finetune.loop import finetune
 
-    _set_threads(args)
+    set_threads(args)
     spec = _spec(args)
     cfg = finetune_config(args)
     out = Path(args.out_dir) if args.out_dir else Path("runs") / f"ft-{spec.name}"
@@ -91,7 +91,7 @@ def _load_finetuned(args: argparse.Namespace, command: str):
 def cmd_predict(args: argparse.Namespace) -> None:
     from slmkit.finetune.tasks import read_examples
 
-    _set_threads(args)
+    set_threads(args)
     if args.output and args.output != "-":
         check_output_file(args.output, args.overwrite)  # before the model loads, not after it ran
     ft = _load_finetuned(args, "predict")
@@ -103,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    _set_threads(args)
+    set_threads(args)
     ft = _load_finetuned(args, "evaluate")
     result = ft.evaluate(args.data, args.batch_size)
     payload = {"task": ft.spec.name, "data": str(args.data), **result}
@@ -115,22 +115,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           f"{', ' + str(result['malformed']) + ' malformed rows skipped' if result['malformed'] else ''})")
 
 
-def _set_threads(args: argparse.Namespace) -> None:
-    if args.threads < 0:
-        raise UserError(f"--threads must not be negative, got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
 # ----------------------------------------------------------------------------- parsers
 
 
 def _runtime_flags(p: argparse.ArgumentParser) -> None:
     add_runtime_flags(p, "device", "dtype")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 0 = torch's default (1 is often fastest on a busy shared machine)")
+    add_threads(p, "torch CPU threads; 0 = torch's default (1 is often fastest on a busy shared machine)")
 
 
 def _build_finetune(p: Parser) -> None:

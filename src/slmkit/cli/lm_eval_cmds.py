@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from slmkit.cli.common import add_json, add_model_source
+from slmkit.cli.common import add_json, add_model_source, add_threads, set_threads
 from slmkit.cli.flags import Parser, add_runtime_flags, runtime
 from slmkit.errors import UserError
 
@@ -19,18 +19,13 @@ def cmd_lm_eval(args: argparse.Namespace) -> None:
     require_lm_eval()  # before anything else: the one line that names the install command
     if not Path(args.run).exists():
         raise UserError(f"no run directory or checkpoint at {args.run}")
-    if args.threads < 0:
-        raise UserError(f"--threads must not be negative, got {args.threads}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks needs at least one task name (comma-separated)")
     limit = args.limit
     if limit is not None and limit == int(limit) and limit >= 1:
         limit = int(limit)  # lm_eval reads a limit below 1 as a fraction of each task
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     from slmkit.evalharness import json_payload, run_lm_eval, table
 
     results = run_lm_eval(args.run, tasks, checkpoint=args.checkpoint, limit=limit, num_fewshot=args.num_fewshot,
@@ -71,7 +66,7 @@ def _build_lm_eval(p: Parser) -> None:
                 "config, and a 'rows' list like the table's)")
     p.add_argument("--output", metavar="FILE", help="also write that JSON object to FILE")
     add_runtime_flags(p, "device", "dtype")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    add_threads(p)
     p.add_argument("--verbose", action="store_true", help="lm_eval's INFO logging on stderr (default: warnings)")
     p.set_defaults(func=cmd_lm_eval)
 

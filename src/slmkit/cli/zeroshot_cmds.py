@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from slmkit.cli.common import add_json, add_model_source
+from slmkit.cli.common import add_json, add_model_source, add_threads, set_threads
 from slmkit.cli.flags import Parser, add_runtime_flags, runtime
 from slmkit.errors import UserError
 
@@ -20,12 +20,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
 
     if args.task not in TASKS:
         raise UserError(f"unknown zero-shot task {args.task!r}; use one of {', '.join(TASKS)}")
-    if args.threads < 0:
-        raise UserError(f"--threads must not be negative, got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     lm = load(args.run, runtime(args, "device"), runtime(args, "dtype"), args.checkpoint)
     result = run_zeroshot(lm, args.task, args.data, args.calibrate, args.batch_size, limit=args.limit)
     if args.json:
@@ -51,7 +46,7 @@ def _build_zeroshot(p: Parser) -> None:
                    help="score the first N examples of the file (and of --calibrate); 0 = all")
     add_json(p, "one JSON object, with every example's scores")
     add_runtime_flags(p, "device", "dtype")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    add_threads(p)
     p.set_defaults(func=cmd_zeroshot)
 
 
