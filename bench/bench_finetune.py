@@ -12,6 +12,10 @@ Each figure is given twice: per wall-clock second, and per CPU second of this pr
 (`*_per_cpu_s`, from time.process_time). On a machine shared with other jobs, whose processes get
 paused and resumed, the CPU-second figure is the stable one (with --threads 1 it is the speed of
 one core).
+
+Beside the wall-clock figures: `tokens_per_example`, and for training and evaluation the model FLOP/s
+and their share of this machine's GEMM peak (`*_utilisation`: model_tflops, of_gemm_peak), with the
+peaks measured in the same run (`peaks`) and the CPU model (`cpu`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import time
 
 import numpy as np
 import torch
+from _common import cpu_model, machine_peaks, utilisation
 
+from slmkit.budget import flops_per_token
 from slmkit.config import ModelConfig
 from slmkit.finetune import Example, FineTuneModel, add_special_tokens, collate, encode_examples, spec_from_flags
 from slmkit.finetune.loop import run_outputs
+from slmkit.finetune.transforms import Encoded
 from slmkit.model import GPT
 from slmkit.runtime import autocast, resolve_device, resolve_dtype
 from slmkit.tokenizers import CharTokenizer
@@ -47,6 +54,20 @@ def make_examples(n: int, family: str, seg_len: int, choices: int, rng: np.rando
             out.append(Example([text(seg_len * 3 // 4)], [text(seg_len // 4) for _ in range(choices)],
                                i % choices, i + 1))
     return out
+
+
+def tokens_of(encoded: list[Encoded]) -> tuple[float, float]:
+    """(tokens per example, tokens per sequence) on average, padding not counted."""
+    lengths = [len(s) for e in encoded for s in e.seqs]
+    return sum(lengths) / len(encoded), sum(lengths) / len(lengths)
+
+
+def rate(examples_per_s: float, encoded: list[Encoded], m: ModelConfig, training: bool, dtype: torch.dtype,
+         peaks: dict) -> dict:
+    """Model FLOP/s against the GEMM peak: PaLM's FLOPs of the real (unpadded) tokens, each attending
+    to its sequence's length (training: forward and backward; evaluation: forward only)."""
+    per_example, context = tokens_of(encoded)
+    return utilisation(examples_per_s * per_example * flops_per_token(m, context, training), dtype, peaks)
 
 
 SPECS = {
@@ -81,9 +102,10 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     rng = np.random.default_rng(0)
     base = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz "))
-    report: dict = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                    "threads": torch.get_num_threads(), "batch_size": args.batch_size, "seg_len": args.seg_len,
-                    "families": {}}
+    peaks = machine_peaks(device)  # before the timed steps, never among them
+    report: dict = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "cpu": cpu_model(),
+                    "peaks": peaks, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+                    "seg_len": args.seg_len, "families": {}}
     for family in args.families.split(","):
         torch.manual_seed(0)
         gpt = GPT(ModelConfig(vocab_size=base.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
@@ -98,6 +120,7 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         row: dict = {"sequences_per_example": len(train_enc[0].seqs),
                      "tokens_per_sequence": int(np.mean([len(s) for e in train_enc for s in e.seqs]))}
+        row["tokens_per_example"] = round(tokens_of(train_enc)[0], 1)
         for lm_coef in (0.5, 0.0):
             model.train()
             times, cpu = [], []
@@ -117,22 +140,28 @@ def main() -> None:
                 if step:
                     times.append(time.perf_counter() - t0)
                     cpu.append(time.process_time() - c0)
-            row[f"train_examples_per_s_lm{lm_coef}"] = round(args.batch_size / float(np.median(times)), 1)
+            train_per_s = args.batch_size / float(np.median(times))
+            row[f"train_examples_per_s_lm{lm_coef}"] = round(train_per_s, 1)
             row[f"train_examples_per_cpu_s_lm{lm_coef}"] = round(args.batch_size / float(np.median(cpu)), 1)
+            row[f"train_utilisation_lm{lm_coef}"] = rate(train_per_s, train_enc, gpt.config, True, dtype, peaks)
         eval_enc, _ = encode_examples(spec, tok, make_examples(args.eval_examples, family, args.seg_len,
                                                                args.choices, rng), args.block_size)
         run_outputs(model, spec, eval_enc[: args.batch_size], args.batch_size, device, dtype)  # warm-up
         t0, c0 = time.perf_counter(), time.process_time()
         run_outputs(model, spec, eval_enc, 64, device, dtype)
-        row["eval_examples_per_s"] = round(len(eval_enc) / (time.perf_counter() - t0), 1)
+        eval_per_s = len(eval_enc) / (time.perf_counter() - t0)
+        row["eval_examples_per_s"] = round(eval_per_s, 1)
         row["eval_examples_per_cpu_s"] = round(len(eval_enc) / (time.process_time() - c0), 1)
+        row["eval_utilisation"] = rate(eval_per_s, eval_enc, gpt.config, False, dtype, peaks)
         if family == "multiple_choice":
             few = eval_enc[:32]
             t0, c0 = time.perf_counter(), time.process_time()
             for e in few:
                 run_outputs(model, spec, [e], 1, device, dtype)
-            row["eval_examples_per_s_looped"] = round(len(few) / (time.perf_counter() - t0), 1)
+            looped_per_s = len(few) / (time.perf_counter() - t0)
+            row["eval_examples_per_s_looped"] = round(looped_per_s, 1)
             row["eval_examples_per_cpu_s_looped"] = round(len(few) / (time.process_time() - c0), 1)
+            row["eval_utilisation_looped"] = rate(looped_per_s, few, gpt.config, False, dtype, peaks)
         report["families"][family] = row
     print(json.dumps(report, indent=2))
 

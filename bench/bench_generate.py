@@ -2,6 +2,12 @@
 
     python bench/bench_generate.py --preset shakespeare-char --tokens 500
     python bench/bench_generate.py --run runs/shakespeare-char      # a trained model
+
+Beside tokens/s it prints where a token's time goes ("per_token_us"): the decoding step's linears
+alone, run back to back in decode order on the prepared weights ("weights": streaming them is the
+floor), the rest of the step (norms, attention, cache writes, Python), and the rest of generation
+(sampling, window slides); then the weight bandwidth that implies against this machine's copy
+bandwidth, and the model FLOP/s against its GEMM peak, both measured in the same run.
 """
 
 import argparse
@@ -9,10 +15,12 @@ import statistics
 import time
 
 import torch
-from _common import emit, peak_rss_mb
+from _common import WEIGHT_BYTES, cpu_model, decoding_rates, emit, machine_peaks, peak_rss_mb
 
+from slmkit.budget import matmul_params
 from slmkit.config import WEIGHT_FORMATS, preset_config
 from slmkit.generate import GenerationConfig, generate_ids
+from slmkit.inference import DecodeStep, decoding_model
 from slmkit.model import GPT
 from slmkit.runtime import resolve_device, resolve_dtype
 
@@ -21,6 +29,47 @@ def timed(model, prompt, gen, device, dtype) -> float:
     start = time.perf_counter()
     n = sum(1 for _ in generate_ids(model, prompt, gen, device, dtype))
     return n / (time.perf_counter() - start)
+
+
+def median_us(fn, repeat: int = 200) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def linears_in_decode_order(fast: GPT) -> list:
+    """Calls that run each linear of a decoding step once, as DecodeStep does, on inputs of its shape."""
+    dtype = fast.transformer.wte.weight.dtype  # the activations' (bf16 with int8 weights)
+    row, wide = torch.randn(1, fast.config.n_embd, dtype=dtype), torch.randn(1, fast.config.mlp_width, dtype=dtype)
+    calls = []
+    for b in fast.transformer.h:
+        calls += [lambda b=b: b.attn.c_attn.forward_rows(row), lambda b=b: b.attn.c_proj.forward_add(row, row),
+                  lambda b=b: b.mlp.c_fc.forward_gelu(row, "none"), lambda b=b: b.mlp.c_proj.forward_add(wide, row)]
+    return [*calls, lambda: fast.lm_head.forward_rows(row)]
+
+
+def per_token_split(model: GPT, device, dtype, weights: str, prompt: list[int], tokens: int) -> dict:
+    """Microseconds per token: the linears alone, the rest of the decoding step, measured at the
+    context lengths the run went through."""
+    fast = decoding_model(model, device, dtype, weights)
+    if not DecodeStep.fits(fast):
+        return {}
+    step, cache = DecodeStep(fast), fast.new_cache(torch.float32)
+    with torch.no_grad():
+        fast(torch.tensor([prompt]), cache=cache)
+        length = min(len(prompt) + tokens, fast.config.block_size) - 1
+        steps = []
+        while cache.length < length:
+            start = time.perf_counter()
+            step(1, cache)
+            steps.append(time.perf_counter() - start)
+        calls = linears_in_decode_order(fast)
+        linears = median_us(lambda: [c() for c in calls])
+    step_us = statistics.median(steps) * 1e6
+    return {"weights": round(linears, 1), "rest_of_step": round(step_us - linears, 1), "step": round(step_us, 1)}
 
 
 def main() -> None:
@@ -56,8 +105,24 @@ def main() -> None:
               "weights": args.weights, "threads": torch.get_num_threads(),
               "repeat": args.repeat}
     runs = [timed(model, prompt, gen, device, dtype) for _ in range(args.repeat)]
-    result["kv_cache_tokens_per_s"] = round(statistics.median(runs), 1)
+    tokens_per_s = statistics.median(runs)
+    result["kv_cache_tokens_per_s"] = round(tokens_per_s, 1)
     result["kv_cache_tokens_per_s_range"] = [round(min(runs), 1), round(max(runs), 1)]
+    split = per_token_split(model, device, dtype, args.weights, prompt, args.tokens)
+    if split:
+        split["rest_of_generation"] = round(1e6 / tokens_per_s - split["step"], 1)
+        result["per_token_us"] = split
+    # Every token streams every matmul weight once and attends to the tokens before it: about half
+    # the run, up to three quarters of the context once the window slides by half.
+    cfg, fmt = model.config, "int8" if args.weights == "int8" else str(dtype).replace("torch.", "")
+    weight_bytes = matmul_params(cfg) * WEIGHT_BYTES[fmt]
+    peaks = machine_peaks(device)
+    result["weight_mb"] = round(weight_bytes / 1e6, 1)
+    context = min(args.prompt_tokens + args.tokens / 2, cfg.block_size * 3 / 4)
+    result.update(decoding_rates(cfg, tokens_per_s, context, dtype, fmt, peaks))
+    if split:
+        result["weight_gb_s_in_linears"] = round(weight_bytes / split["weights"] / 1e3, 1)
+    result["peaks"], result["cpu"] = peaks, cpu_model()
     if not args.skip_no_cache:
         gen.use_cache = False
         result["no_cache_tokens_per_s"] = round(timed(model, prompt, gen, device, dtype), 1)

@@ -7,8 +7,11 @@ Throughput: a server with continuous batching (--max-batch 16) and the same serv
 (--max-batch 1) each get `--clients` concurrent streaming clients asking, one request after
 another, for --max-tokens tokens after a --prompt-tokens prompt, for --seconds. Reported: total
 completion tokens per second (counted by the server's usage chunk), and time to first token
-(request sent -> first text chunk) p50 / p99. Before that, `--agree` greedy prompts are answered
-one at a time and then all together: how many answers are identical.
+(request sent -> first text chunk) p50 / p99; and, against this machine's peaks measured in the
+same run (`peaks`), the decoding model FLOP/s (model_tflops, of_gemm_peak) and the weights read per
+token as GB/s and a share of the copy bandwidth (weight_gb_s, of_copy_bandwidth: with batching one
+read of the weights serves several tokens, so this share can pass 1). Before that, `--agree` greedy
+prompts are answered one at a time and then all together: how many answers are identical.
 
 Soak: `--clients` workers send a mix of streaming, non-streaming, chat and malformed requests for
 --soak seconds. Every answer is checked: no 5xx, every stream ends with [DONE] and a finish
@@ -34,7 +37,10 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import cpu_model, emit
+from _common import cpu_model, decoding_context, decoding_rates, emit, machine_peaks
+
+from slmkit.checkpoint import find_checkpoint, load_checkpoint
+from slmkit.runtime import resolve_device, resolve_dtype
 
 SHAKESPEARE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
                "First Citizen:\nYou are all resolved rather to die than to famish?\n")
@@ -258,6 +264,15 @@ def main() -> None:
             log(f"  {result[name]}")
         finally:
             server.stop()
+    # The server's device and dtype (no --device: auto); its weights are cast to that dtype for decoding.
+    device = resolve_device("auto")
+    dtype = resolve_dtype(args.dtype, device)
+    model = load_checkpoint(find_checkpoint(args.run)).config.model
+    context = decoding_context(args.prompt_tokens, args.max_tokens, model.block_size)  # requests run to max_tokens
+    result["peaks"] = machine_peaks(device)  # with the servers stopped
+    for name in ("batching", "no_batching"):
+        result[name].update(decoding_rates(model, result[name]["tokens_per_s"], context, dtype,
+                                           str(dtype).removeprefix("torch."), result["peaks"]))
     result["speedup"] = round(result["batching"]["tokens_per_s"] / result["no_batching"]["tokens_per_s"], 2)
     emit(result)
 

@@ -1,4 +1,5 @@
-"""Training throughput of a preset on random tokens: tokens/s, ms/iter and peak RSS (JSON).
+"""Training throughput of a preset on random tokens: tokens/s, ms/iter, peak RSS, and the model
+FLOP/s as a share of this machine's GEMM peak measured in the same run (JSON).
 
     python bench/bench_train_speed.py --preset shakespeare-char --iters 20
 """
@@ -7,8 +8,9 @@ import argparse
 import time
 
 import torch
-from _common import emit, peak_rss_mb
+from _common import cpu_model, emit, machine_peaks, peak_rss_mb, utilisation
 
+from slmkit.budget import flops_per_token
 from slmkit.config import GELU_FORMS, preset_config
 from slmkit.model import GPT
 from slmkit.runtime import autocast, can_fuse_adamw, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
@@ -62,12 +64,16 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - start) / args.iters
+    tokens_per_s = B * T * accum / dt
+    peaks = machine_peaks(device)  # after the timed steps, so that they run on a cold start as users' do
+    flops = tokens_per_s * flops_per_token(cfg.model, T, training=True)
     emit({"bench": "train_speed", "preset": args.preset, "params_m": round(model.num_params() / 1e6, 3),
           "batch_size": B, "block_size": T, "dropout": cfg.model.dropout, "device": str(device),
           "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
           "grad_accum": accum, "compile": args.compile, "attn_dropout": cfg.model.attention_dropout,
           "gelu": cfg.model.gelu,
-          "ms_per_iter": round(dt * 1000, 1), "tokens_per_s": round(B * T * accum / dt), "peak_rss_mb": peak_rss_mb()})
+          "ms_per_iter": round(dt * 1000, 1), "tokens_per_s": round(tokens_per_s),
+          **utilisation(flops, dtype, peaks), "peaks": peaks, "cpu": cpu_model(), "peak_rss_mb": peak_rss_mb()})
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ either side), the prompt included in the time:
     llama.cpp q8_0   llama-cpp-python on the q8_0 file (8-bit blocks of 32 with an f16 scale)
 
 Runs alternate between the engines (a slow spell of a shared machine hits all of them alike) and the
-median of `--repeat` runs is reported, with the CPU model. Needs the gguf package, llama-cpp-python
-(pip install 'slmkit[gguf,llama]') and the GPT-2 vocabulary in ../shared/data/vocab/gpt2.
+median of `--repeat` runs is reported, with the CPU model, and for each engine (`rates`) its model
+FLOP/s against the bf16 GEMM peak (model_tflops, of_gemm_peak) and the weights it reads per token as
+GB/s and a share of the copy bandwidth (weight_gb_s, of_copy_bandwidth), with the peaks measured in the
+same run (`peaks`). Needs the gguf package, llama-cpp-python (pip install 'slmkit[gguf,llama]') and the
+GPT-2 vocabulary in ../shared/data/vocab/gpt2.
 
     python bench/bench_vs_llamacpp.py --threads 2 --repeat 5
 """
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import SHARED_DATA, cpu_model, emit, peak_rss_mb
+from _common import SHARED_DATA, cpu_model, decoding_context, decoding_rates, emit, machine_peaks, peak_rss_mb
 
 from slmkit.config import preset_config
 from slmkit.generate import GenerationConfig, generate_ids
@@ -33,6 +36,10 @@ from slmkit.interop.common import write_run
 from slmkit.interop.gguf import export_gguf
 from slmkit.model import GPT
 from slmkit.tokenizers import named_tokenizer
+
+# Each engine's weight format (a WEIGHT_BYTES key of _common): the q8_0 file quantizes every matrix,
+# the tied head's token embedding included, as --weights int8 does every linear, the head included.
+WEIGHTS = {"slmkit_bf16": "bfloat16", "slmkit_int8": "int8", "llamacpp_bf16": "bfloat16", "llamacpp_q8_0": "q8_0"}
 
 
 def make_run(out: Path, vocab_dir: Path) -> None:
@@ -132,9 +139,16 @@ def main() -> None:
                 out = run_()
                 times[name].append(time.perf_counter() - start)
                 assert len(out) == args.tokens, (name, len(out))
+        peaks = machine_peaks("cpu")  # after the timed runs
 
     def tps(name: str) -> float:
         return args.tokens / statistics.median(times[name])
+
+    # Decoding FLOPs of the new tokens only (the prompt's prefill is in the time, not in the count), all
+    # against the bf16 GEMM peak: no engine computes in fp32, and no int8 peak is measured.
+    context = decoding_context(args.prompt_tokens, args.tokens, n_ctx)
+    rates = {name: decoding_rates(ckpt.config.model, tps(name), context, torch.bfloat16, weights, peaks)
+             for name, weights in WEIGHTS.items()}
 
     result = {
         "bench": "vs_llamacpp", "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
@@ -144,6 +158,7 @@ def main() -> None:
         "tokens_per_s": {name: round(tps(name), 1) for name in engines},
         "tokens_per_s_range": {name: [round(args.tokens / max(t), 1), round(args.tokens / min(t), 1)]
                                for name, t in times.items()},
+        "rates": rates, "peaks": peaks,
         "ratio_int8_vs_q8_0": round(tps("slmkit_int8") / tps("llamacpp_q8_0"), 2),
         "ratio_bf16_vs_bf16": round(tps("slmkit_bf16") / tps("llamacpp_bf16"), 2),
         # greedy continuations of the same weights: the bf16 ones should agree for a good stretch

@@ -6,7 +6,7 @@ import torch
 from slmkit.config import ModelConfig
 from slmkit.cpu_ops import Int8Linear, PackedLinear, can_prepack, can_quantize_int8
 from slmkit.generate import GenerationConfig, filter_logits, generate_ids, generate_stream
-from slmkit.inference import decoding_model
+from slmkit.inference import DecodeStep, decoding_model
 from slmkit.model import GPT
 from slmkit.tokenizers import CharTokenizer, HFByteLevelTokenizer
 
@@ -65,6 +65,57 @@ def test_bf16_decoding_stays_close_to_fp32(model):
     assert (stepwise.float() - model(x)[0]).abs().max().item() < 0.05
 
 
+def _stepwise_logits(fast, x, prefill: int, step=None):
+    """Logits of the tokens of x after the first `prefill`, one token at a time through the cache."""
+    cache = fast.new_cache(torch.float32)
+    fast(x[:, :prefill], cache=cache)
+    if step is None:
+        return torch.cat([fast(x[:, i : i + 1], cache=cache)[0][0] for i in range(prefill, x.shape[1])])
+    assert step.can_take(cache)
+    return torch.cat([step(int(x[0, i]), cache) for i in range(prefill, x.shape[1])])
+
+
+@pytest.mark.skipif(not can_prepack(torch.float32), reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("ln,gelu,bias", [("pre", "exact", True), ("post", "tanh", True), ("pre", "tanh", False)])
+def test_decode_step_computes_what_the_model_computes(ln, gelu, bias):
+    torch.manual_seed(2)
+    model = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32, ln=ln, gelu=gelu,
+                            bias=bias)).eval()
+    fast = decoding_model(model, torch.device("cpu"), torch.float32)
+    assert DecodeStep.fits(fast) and not DecodeStep.fits(model)  # the model's own nn.Linears: no step
+    x = torch.randint(0, 40, (1, 16))
+    with torch.no_grad():
+        expected = model(x)[0][0, 5:]
+        torch.testing.assert_close(_stepwise_logits(fast, x, 5, DecodeStep(fast)), expected, rtol=1e-5, atol=1e-5)
+        cache = fast.new_cache(torch.float32)
+        fast(x, cache=cache)
+        assert not DecodeStep(fast).can_take(cache)  # the context is full: the window must slide first
+
+
+@pytest.mark.skipif(not can_quantize_int8(torch.device("cpu")), reason="no int8 weight kernel in this torch")
+def test_int8_decode_step_matches_the_int8_model(model):
+    fast = decoding_model(model, torch.device("cpu"), torch.float32, "int8")
+    x = torch.randint(0, 40, (1, 14))
+    with torch.no_grad():
+        by_model = _stepwise_logits(fast, x, 4).float()
+        by_step = _stepwise_logits(fast, x, 4, DecodeStep(fast)).float()
+    # The same int8 products in bf16; the step only adds the residual inside the linear's rounding.
+    assert (by_step - by_model).abs().max().item() < 0.05
+
+
+def test_generation_takes_the_decode_step_for_single_tokens(monkeypatch):
+    torch.manual_seed(3)
+    m = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32)).eval()
+    calls = []
+    real = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, tok, cache: calls.append(tok) or real(self, tok, cache))
+    out = list(generate_ids(m, [1, 2, 3], GenerationConfig(max_new_tokens=30, temperature=0), "cpu"))
+    if not can_prepack(torch.float32):
+        pytest.skip("no oneDNN linear: fp32 decoding uses the model itself")
+    # 30 tokens from a 3-token prompt in a 16-token context slide twice (by 8): 3 prefills, the rest steps.
+    assert len(out) == 30 and len(calls) == 27
+
+
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     k2 = filter_logits(logits, top_k=2, top_p=1.0)
@@ -73,6 +124,22 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.isfinite(p).tolist() == [True, True, False, False]
     p_small = filter_logits(logits, top_k=0, top_p=0.1)  # the most likely token always stays
     assert torch.isfinite(p_small).tolist() == [True, False, False, False]
+
+
+def test_sampling_draws_from_the_renormalised_top_k_and_top_p():
+    from slmkit.generate import next_token
+
+    probs = torch.tensor([0.05, 0.4, 0.02, 0.3, 0.2, 0.03])
+    rng = torch.Generator().manual_seed(0)
+    n = 4000
+    for gen, kept in [(GenerationConfig(temperature=1.0, top_k=3), {1: 0.4, 3: 0.3, 4: 0.2}),
+                      (GenerationConfig(temperature=1.0, top_k=4, top_p=0.65), {1: 0.4, 3: 0.3})]:
+        draws = [next_token(probs.log(), gen, rng) for _ in range(n)]
+        assert set(draws) == set(kept)
+        total = sum(kept.values())
+        for tid, p in kept.items():  # within 4 standard deviations of the renormalised probability
+            q = p / total
+            assert abs(draws.count(tid) / n - q) < 4 * (q * (1 - q) / n) ** 0.5
 
 
 def test_seeded_sampling_is_reproducible(model):

@@ -173,3 +173,23 @@ def test_dropout_without_hooks_skips_module_call_machinery_and_hooks_do_not_chan
     torch.manual_seed(3)
     assert torch.equal(model(x)[0], plain)  # same masks drawn, same order: hooks change nothing else
     assert calls.count("Dropout") == 1 + 2 * 2
+
+
+@pytest.mark.parametrize("ln,bias", [("pre", True), ("post", False)])
+def test_flops_per_token_counts_the_models_matrix_products(ln, bias):
+    """budget.flops_per_token against PyTorch's own FLOP counter on a real forward and backward.
+    The counter does not count the CPU flash-attention kernel, so the comparison leaves attention
+    out (context 0); its 4 x n_embd x context per layer is PaLM's formula, stated in the docstring."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slmkit.budget import flops_per_token
+
+    cfg = ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, ln=ln, bias=bias)
+    m = GPT(cfg)
+    x = torch.randint(0, 50, (3, 32))
+    with FlopCounterMode(display=False) as forward:
+        m(x)
+    with FlopCounterMode(display=False) as training:
+        m(x, x)[1].backward()
+    assert forward.get_total_flops() == x.numel() * flops_per_token(cfg, 0, training=False)
+    assert training.get_total_flops() == x.numel() * flops_per_token(cfg, 0, training=True)

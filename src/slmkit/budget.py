@@ -1,4 +1,4 @@
-"""Memory budgets: estimate what a model will need before allocating any of it.
+"""Budgets: estimate what a model will need before allocating any of it, memory and arithmetic.
 
 A typo such as `n_layer = 1e30` or `--n-embd 81920` would otherwise grow the process until the
 kernel kills it (or the machine swaps to a halt). The estimates here are closed-form, cost nothing,
@@ -29,6 +29,24 @@ def param_count(m: ModelConfig, vocab_size: int | None = None) -> int:
     norms = 2 * (e + bias * e)
     final_norm = (e + bias * e) if m.ln == "pre" else 0
     return vocab * e + m.block_size * e + m.n_layer * (attention + mlp + norms) + final_norm
+
+
+def matmul_params(m: ModelConfig, vocab_size: int | None = None) -> int:
+    """Weights that take part in a matrix product per token: every linear layer plus the output head
+    (tied or not); not the position table, biases or norms, which cost no multiplications."""
+    e, inner = m.n_embd, m.mlp_width
+    vocab = vocab_size if vocab_size is not None else m.vocab_size
+    return m.n_layer * (4 * e * e + 2 * e * inner) + vocab * e
+
+
+def flops_per_token(m: ModelConfig, context: float, training: bool, vocab_size: int | None = None) -> float:
+    """Model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B; nanoGPT's MFU uses the same):
+    2 per matmul weight forward, plus 2 x 2 x n_embd per layer for each attended position (q.k and
+    the weighted sum of v), the backward costing twice the forward. `context` is the number of
+    positions a token attends to: block_size for a training sequence (PaLM's convention, though a
+    causal token sees half on average), the current length when decoding with a cache."""
+    forward = 2 * matmul_params(m, vocab_size) + 4 * m.n_layer * m.n_embd * context
+    return 3 * forward if training else forward
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """CPU kernels that PyTorch's defaults leave slow, behind a few plain names.
 
 - `Dropout`: nn.Dropout with a cheaper mask on CPU (`cpu_dropout`), the only name the model imports;
-- `PackedLinear`: an inference linear whose weight is prepacked once in oneDNN's blocked layout;
+- `PackedLinear`: an inference linear whose weight is prepacked once in oneDNN's blocked layout, with
+  GELU and the residual addition fused into the matrix product;
 - `Int8Linear`: a weight-only int8 inference linear (one scale per output channel, bf16 activations).
+
+Both are `InferenceLinear`s: y = x W^T + b, plus the two fused forms the decoding step uses.
 
 Every private PyTorch API slmkit relies on (`torch.ops.mkldnn._linear_pointwise`,
 `torch.ops.mkldnn._reorder_linear_weight`, `torch.ops.mkldnn._is_mkldnn_bf16_supported`,
@@ -116,11 +119,35 @@ def can_prepack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-class PackedLinear(nn.Module):
+class InferenceLinear(nn.Module):
+    """A frozen linear layer for decoding, with the two compositions a transformer block needs.
+    Subclasses that can fuse them into the matrix product override these unfused forms.
+
+    The decoding step calls these hundreds of times per token with activations that are already
+    [rows, in], contiguous and in the layer's dtype; `forward_rows` and the fused forms take
+    exactly that and skip the reshaping and checks of `forward` (a few microseconds a call).
+    """
+
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+    def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        """gelu(x W^T + b); approximate is "tanh" or "none" (exact), as in F.gelu."""
+        return F.gelu(self(x), approximate=approximate)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x W^T + b + residual."""
+        return self(x).add_(residual)
+
+
+class PackedLinear(InferenceLinear):
     """nn.Linear for inference, its weight reordered once into oneDNN's blocked layout.
 
     `torch.compile` does the same for frozen CPU models; doing it by hand keeps eager decoding free
-    of compilation.
+    of compilation (which on these CPUs was also slower: 1.34 ms against 0.88 ms per
+    shakespeare-char token, after 15 s of compiling). oneDNN applies GELU or adds the residual
+    while the product is still in registers ("post-ops"): one call instead of two, and in bf16 one
+    rounding instead of two.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -134,12 +161,21 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], approximate)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+
 
 def can_quantize_int8(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(InferenceLinear):
     """Weight-only int8 linear: w ~ q * scale per output channel, bf16 activations.
 
     The scheme of gpt-fast and llama.cpp's Q8_0 (per channel instead of per block): half the bytes
@@ -159,7 +195,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return self.forward_rows(flat).view(*x.shape[:-1], self.out_features)
+
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def forward_gelu(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        return F.gelu(self.forward_rows(x), approximate=approximate)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.forward_rows(x).add_(residual)

@@ -6,8 +6,8 @@ engine keeps one KV-cache row per sequence (`SlotKVCache`) and works in iteratio
 
 1. new sequences join at a token boundary: each one's prompt is run alone into a free row, and
    its first token is drawn from that;
-2. a sequence whose window is full slides it as `slm generate` does (by a quarter of the context,
-   the kept tokens run again into its row);
+2. a sequence whose window is full slides it as `slm generate` does (by half the context, the
+   kept tokens run again into its row);
 3. one batched step feeds every running sequence its last token and draws each one's next token
    with its own settings and random generator;
 4. finished and cancelled sequences leave; the last row moves into the gap, so the running rows
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slmkit.errors import UserError
-from slmkit.generate import GenerationConfig, next_token
+from slmkit.generate import GenerationConfig, next_token, window_shift
 from slmkit.inference import decoding_model
 from slmkit.model import GPT, SlotKVCache
 
@@ -95,7 +95,7 @@ class Engine:
         self.model = decoding_model(model, device, dtype, weights)
         self.device = device
         self.block = model.config.block_size
-        self.shift = max(1, self.block // 4)
+        self.shift = window_shift(self.block)
         self.eot_id = eot_id
         self.vocab_size = vocab_size
         self.slots = slots
@@ -188,7 +188,7 @@ class Engine:
         self._draw(seq, logits[-1])
 
     def _slide(self, seq: Sequence, row: int) -> None:
-        """The window is full: keep its last three quarters and run them again into the row; the
+        """The window is full: keep its last half and run them again into the row; the
         batched step then feeds the pending token, as for any sequence."""
         seq.start = len(seq.tokens) - (self.block - self.shift)
         self.cache.clear(row)
