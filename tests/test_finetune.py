@@ -371,3 +371,14 @@ def test_prediction_rows_for_each_output_kind():
     assert mc[0]["choice"] == 2 and mc[0]["answer"] == "y" and mc[0]["label"] == "2" and "gold" not in mc[0]
     cls = format_predictions(sst, [Example(["good"], [], 1, 3)], np.array([[0.1, 0.9]]))
     assert cls[0]["label"] == "1" and cls[0]["name"] == "positive" and cls[0]["gold"] == "1"
+
+
+def test_small_models_get_the_small_model_suggestion_and_large_ones_none():
+    from slmkit.finetune.loop import SMALL_MODEL_STEPS, FinetuneConfig, small_model_hint
+
+    paper = FinetuneConfig()  # GPT-1's lr 6.25e-5, batch 32, 3 epochs
+    hint = small_model_hint(2_000_000, paper, examples=1000)  # 3 x 32 = 96 updates
+    assert "--lr 0.0003" in hint and f"--epochs {-(-SMALL_MODEL_STEPS // 32)}" in hint
+    assert small_model_hint(117_000_000, paper, examples=1000) is None  # the size the recipe was set for
+    tuned = FinetuneConfig(learning_rate=1e-3, epochs=3)
+    assert small_model_hint(2_000_000, tuned, examples=67_000) is None  # the user's lr, enough updates
