@@ -13,6 +13,7 @@ import torch
 
 from slmkit.budget import flops_per_token, matmul_params
 from slmkit.config import ModelConfig
+from slmkit.generate import window_shift
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -104,6 +105,13 @@ def decoding_rates(m: ModelConfig, tokens_per_s: float, context: float, dtype: t
 
 
 def decoding_context(prompt_tokens: int, new_tokens: int, block_size: int) -> float:
-    """The positions a new token attends to with a cache, on average over the tokens of a request
-    (its prompt and the tokens before it, up to the model's context)."""
-    return sum(min(prompt_tokens + i, block_size) for i in range(new_tokens)) / max(new_tokens, 1)
+    """The positions a new token attends to with a cache, on average over the tokens of a request:
+    its prompt and the tokens before it, in the window `slm generate` and the server keep (it
+    slides back by `window_shift` once the sequence outgrows the context)."""
+    seen, total = min(prompt_tokens, block_size), 0
+    for _ in range(new_tokens):
+        if seen > block_size:
+            seen = block_size - window_shift(block_size)
+        total += seen
+        seen += 1
+    return total / max(new_tokens, 1)

@@ -118,9 +118,9 @@ def main() -> None:
         train_enc, _ = encode_examples(spec, tok, make_examples(n_train, family, args.seg_len, args.choices, rng),
                                        args.block_size)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        row: dict = {"sequences_per_example": len(train_enc[0].seqs),
-                     "tokens_per_sequence": int(np.mean([len(s) for e in train_enc for s in e.seqs]))}
-        row["tokens_per_example"] = round(tokens_of(train_enc)[0], 1)
+        per_example, per_sequence = tokens_of(train_enc)
+        row: dict = {"sequences_per_example": len(train_enc[0].seqs), "tokens_per_sequence": int(per_sequence),
+                     "tokens_per_example": round(per_example, 1)}
         for lm_coef in (0.5, 0.0):
             model.train()
             times, cpu = [], []

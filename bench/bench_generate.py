@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from _common import WEIGHT_BYTES, cpu_model, decoding_rates, emit, machine_peaks, peak_rss_mb
+from _common import WEIGHT_BYTES, cpu_model, decoding_context, decoding_rates, emit, machine_peaks, peak_rss_mb
 
 from slmkit.budget import matmul_params
 from slmkit.config import WEIGHT_FORMATS, preset_config
@@ -40,15 +40,15 @@ def median_us(fn, repeat: int = 200) -> float:
     return statistics.median(times) * 1e6
 
 
-def linears_in_decode_order(fast: GPT) -> list:
-    """Calls that run each linear of a decoding step once, as DecodeStep does, on inputs of its shape."""
+def linears_in_decode_order(step: DecodeStep, fast: GPT) -> list:
+    """Calls that run each linear of a decoding step once, as `step` does, on inputs of its shape."""
     dtype = fast.transformer.wte.weight.dtype  # the activations' (bf16 with int8 weights)
     row, wide = torch.randn(1, fast.config.n_embd, dtype=dtype), torch.randn(1, fast.config.mlp_width, dtype=dtype)
     calls = []
-    for b in fast.transformer.h:
-        calls += [lambda b=b: b.attn.c_attn.forward_rows(row), lambda b=b: b.attn.c_proj.forward_add(row, row),
-                  lambda b=b: b.mlp.c_fc.forward_gelu(row, "none"), lambda b=b: b.mlp.c_proj.forward_add(wide, row)]
-    return [*calls, lambda: fast.lm_head.forward_rows(row)]
+    for _, _, qkv_proj, out_proj, _, _, fc, fc_proj in step.layers:
+        calls += [lambda f=qkv_proj: f.forward_rows(row), lambda f=out_proj: f.forward_add(row, row),
+                  lambda f=fc: f.forward_gelu(row, step.gelu), lambda f=fc_proj: f.forward_add(wide, row)]
+    return [*calls, lambda: step.head.forward_rows(row)]
 
 
 def per_token_split(model: GPT, device, dtype, weights: str, prompt: list[int], tokens: int) -> dict:
@@ -66,7 +66,7 @@ def per_token_split(model: GPT, device, dtype, weights: str, prompt: list[int], 
             start = time.perf_counter()
             step(1, cache)
             steps.append(time.perf_counter() - start)
-        calls = linears_in_decode_order(fast)
+        calls = linears_in_decode_order(step, fast)
         linears = median_us(lambda: [c() for c in calls])
     step_us = statistics.median(steps) * 1e6
     return {"weights": round(linears, 1), "rest_of_step": round(step_us - linears, 1), "step": round(step_us, 1)}
@@ -112,13 +112,12 @@ def main() -> None:
     if split:
         split["rest_of_generation"] = round(1e6 / tokens_per_s - split["step"], 1)
         result["per_token_us"] = split
-    # Every token streams every matmul weight once and attends to the tokens before it: about half
-    # the run, up to three quarters of the context once the window slides by half.
+    # Every token streams every matmul weight once and attends to the tokens before it in its window.
     cfg, fmt = model.config, "int8" if args.weights == "int8" else str(dtype).replace("torch.", "")
     weight_bytes = matmul_params(cfg) * WEIGHT_BYTES[fmt]
     peaks = machine_peaks(device)
     result["weight_mb"] = round(weight_bytes / 1e6, 1)
-    context = min(args.prompt_tokens + args.tokens / 2, cfg.block_size * 3 / 4)
+    context = decoding_context(args.prompt_tokens, args.tokens, cfg.block_size)
     result.update(decoding_rates(cfg, tokens_per_s, context, dtype, fmt, peaks))
     if split:
         result["weight_gb_s_in_linears"] = round(weight_bytes / split["weights"] / 1e3, 1)
