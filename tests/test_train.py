@@ -73,6 +73,16 @@ def test_existing_run_is_not_silently_overwritten(tiny_corpus, tmp_path):
     train(cfg, tmp_path / "r", progress=False, overwrite=True)
 
 
+def test_a_start_over_a_start_killed_before_its_first_checkpoint_logs_each_step_once(tiny_corpus, tmp_path):
+    cfg = tiny_config(tiny_corpus, max_iters=4, eval_interval=2, sample_tokens=0)
+    train(cfg, tmp_path / "ref", progress=False)
+    train(cfg, tmp_path / "r", progress=False)
+    for name in (LAST, BEST):  # what a kill -9 after the first logged steps and before a checkpoint leaves
+        (tmp_path / "r" / name).unlink()
+    train(cfg, tmp_path / "r", progress=False)
+    assert losses(tmp_path / "r") == losses(tmp_path / "ref")
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no ckpt_last"):

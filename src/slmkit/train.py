@@ -566,6 +566,8 @@ def train(
             write_run_files(run_dir, cfg, data, {"device": str(trainer.device), "dtype": str(trainer.dtype)})
             if resume:
                 trainer.log.truncate_after(trainer.step)
+            else:  # a start killed before its first checkpoint may have logged steps; this run redoes them
+                trainer.log.truncate_after(-1)
             # Experiment trackers (--logger): rank 0 alone, as it alone writes the run's files.
             trainer.log.extra += open_trackers(t.logger, run_dir, {**cfg.to_dict(), "n_params": trainer.params},
                                                ("val_loss", "final_val_loss"), trainer.step if resume else None)
