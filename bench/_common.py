@@ -77,7 +77,17 @@ def copy_bandwidth(device: torch.device | str = "cpu", mb: int = 512, repeat: in
 
 def machine_peaks(device: torch.device | str = "cpu") -> dict:
     """The peaks a bench reports its speeds against, measured in the same run (machines differ, and
-    a shared machine's peak moves with its load)."""
+    a shared machine's peak moves with its load), with the bench's thread count. They are measured in
+    a child process, so that their buffers (1 GB for the copy) never count in the bench's peak RSS."""
+    code = (f"import json, sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"torch.set_num_threads({torch.get_num_threads()}); from _common import measure_peaks; "
+            f"print(json.dumps(measure_peaks({str(device)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_peaks(device: torch.device | str = "cpu") -> dict:
+    """`machine_peaks`, in this process."""
     return {"gemm_bf16_tflops": round(gemm_peak_flops(torch.bfloat16, device) / 1e12, 3),
             "gemm_fp32_tflops": round(gemm_peak_flops(torch.float32, device) / 1e12, 3),
             "copy_gb_s": round(copy_bandwidth(device) / 1e9, 1)}

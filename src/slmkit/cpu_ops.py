@@ -1,6 +1,8 @@
 """CPU kernels that PyTorch's defaults leave slow, behind a few plain names.
 
-- `Dropout`: nn.Dropout with a cheaper mask on CPU (`cpu_dropout`), the only name the model imports;
+- `Dropout`: nn.Dropout with a cheaper mask on CPU (`cpu_dropout`);
+- `causal_attention`: causal attention in bf16 as whole-matrix batched products, with its own backward
+  (`use_cpu_attention` says when it is used instead of SDPA);
 - `PackedLinear`: an inference linear whose weight is prepacked once in oneDNN's blocked layout, with
   GELU and the residual addition fused into the matrix product;
 - `Int8Linear`: a weight-only int8 inference linear (one scale per output channel, bf16 activations).
@@ -9,9 +11,9 @@ Both are `InferenceLinear`s: y = x W^T + b, plus the two fused forms the decodin
 
 Every private PyTorch API slmkit relies on (`torch.ops.mkldnn._linear_pointwise`,
 `torch.ops.mkldnn._reorder_linear_weight`, `torch.ops.mkldnn._is_mkldnn_bf16_supported`,
-`torch.ops.aten._weight_int8pack_mm` and nn.Module's hook registries) is reached from this module
-only, so that a PyTorch upgrade that moves one of them breaks one file. What each one saves is
-measured in the README ("Training speed on CPU", "Generation") and in `bench/`.
+`torch.ops.aten._weight_int8pack_mm`, `torch._softmax_backward_data` and nn.Module's hook
+registries) is reached from this module only, so that a PyTorch upgrade that moves one of them
+breaks one file. What each one saves is measured in the README ("Training speed on CPU", "Generation") and in `bench/`.
 """
 
 from __future__ import annotations
@@ -105,6 +107,71 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+# --- causal attention in bf16 --------------------------------------------------------------------
+
+
+def use_cpu_attention(q: torch.Tensor, dropout: float) -> bool:
+    """Whether `causal_attention` should replace SDPA for (B, H, T, head_dim) queries: bf16 on CPU, no
+    attention dropout, not compiling, and a context of at most 4 x head_dim.
+
+    PyTorch's fused CPU kernel computes attention in blocks with fp32 scores; at shakespeare-char's
+    shape (32 x 6 heads of 256 x 64) it takes 23 ms forward and 74 ms forward + backward a layer, where
+    whole-matrix bf16 batched products and PyTorch's own softmax kernels take 10 and 24-31 (README,
+    "Training speed on CPU"). Whole T x T matrices stop paying above T = 4 x head_dim: there they
+    hold more values than the block's MLP activation, and at 512 or 1024 positions the fused kernel
+    is faster. In fp32 the batched products are slower than the fused kernel at every size.
+    """
+    t, head_dim = q.shape[-2:]
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout == 0.0 and 1 < t <= 4 * head_dim
+            and not torch.compiler.is_compiling())
+
+
+_CAUSAL_BIAS: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def _causal_bias(t: int, dtype: torch.dtype) -> torch.Tensor:
+    """(t, t): 0 on and below the diagonal, -inf above (a query sees itself and earlier keys)."""
+    key = (t, dtype)
+    if key not in _CAUSAL_BIAS:
+        _CAUSAL_BIAS[key] = torch.full((t, t), float("-inf"), dtype=dtype).triu_(1)
+    return _CAUSAL_BIAS[key]
+
+
+class _CausalAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + mask) v over (batch*heads, T, head_dim) matrices, with the backward
+    written out over the same batched products; the probabilities are kept for it."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+        ctx.scale = d**-0.5
+        # The mask is added by the score product itself (baddbmm's input term), not by a pass of its own.
+        scores = torch.baddbmm(_causal_bias(t, q.dtype).expand(b * h, t, t), q3, k3.transpose(1, 2), alpha=ctx.scale)
+        probs = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(q3, k3, v3, probs)
+        return torch.bmm(probs, v3).view(b, h, t, d)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q3, k3, v3, probs = ctx.saved_tensors
+        b, h, t, d = grad_out.shape
+        g3 = grad_out.reshape(b * h, t, d)
+        grad_v = torch.bmm(probs.transpose(1, 2), g3)
+        grad_probs = torch.bmm(g3, v3.transpose(1, 2))
+        # softmax's backward, P * (dP - rowsum(dP * P)), in one pass; masked entries have P = 0.
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_q = torch.bmm(grad_scores, k3).mul_(ctx.scale)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), q3).mul_(ctx.scale)
+        return grad_q.view(b, h, t, d), grad_k.view(b, h, t, d), grad_v.view(b, h, t, d)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal scaled dot-product attention of (B, H, T, head_dim) tensors, as
+    F.scaled_dot_product_attention(q, k, v, is_causal=True) computes it (see `use_cpu_attention`)."""
+    return _CausalAttention.apply(q, k, v)
 
 
 # --- inference linears (decoding only: no autograd, weights frozen) --------------------------------

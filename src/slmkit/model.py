@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slmkit.config import ModelConfig
-from slmkit.cpu_ops import Dropout  # nn.Dropout's behaviour, with a cheaper mask on CPU
+from slmkit.cpu_ops import Dropout, causal_attention, use_cpu_attention  # faster CPU forms of torch's
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,8 +44,10 @@ class CausalSelfAttention(nn.Module):
             q, k, v = qkv.split(C, dim=2)
             q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
             dropout = self.attn_dropout if self.training else 0.0
-            # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            if use_cpu_attention(q, dropout):
+                y = causal_attention(q, k, v)
+            else:  # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU.
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             y = cache.attend(self.layer, qkv.view(B, T, 3, self.n_head, C // self.n_head))
         y = y.transpose(1, 2).reshape(B, T, C)
