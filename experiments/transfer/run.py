@@ -232,7 +232,8 @@ def plot(summary: dict, sizes: dict[str, int], path: Path) -> None:
             mean = [100 * budgets[b][init][0] for _, b in xs]
             half = [100 * budgets[b][init][1] for _, b in xs]
             x = [n for n, _ in xs]
-            ax.plot(x, mean, marker="o", label=labels[init])
+            # Error bars too: a task with a single budget has no band to fill.
+            ax.errorbar(x, mean, yerr=half, marker="o", capsize=3, label=labels[init])
             low = [m - h for m, h in zip(mean, half, strict=True)]
             high = [m + h for m, h in zip(mean, half, strict=True)]
             ax.fill_between(x, low, high, alpha=0.2)
