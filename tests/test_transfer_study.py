@@ -47,3 +47,19 @@ def test_summary_keeps_only_the_chosen_learning_rates(study, tmp_path):
     assert summary["sst2"][1000]["random"][2] == 2
     table = study.markdown(summary)
     assert "| sst2 | 1000 | 81.0 ± " in table and "| +19.0 |" in table
+
+
+def test_cells_of_another_fine_tuning_recipe_are_not_mixed_in(study, tmp_path):
+    from dataclasses import replace
+
+    s = study.Study(study.SCALES["quick"], tmp_path, tmp_path / "runs", fresh=True)
+    s.claim_recipe(study.SCALES["quick"])  # a new file takes any recipe
+    s.results["cells"]["sst2/1000/pretrained/s0/lr0.001"] = dict(task="sst2", budget=1000, init="pretrained",
+                                                                  seed=0, lr=1e-3, dev=0.8)
+    s.claim_recipe(study.SCALES["quick"])  # the same recipe again: fine
+    with pytest.raises(SystemExit, match="holds cells of the fine-tuning recipe"):
+        s.claim_recipe(replace(study.SCALES["quick"], min_steps=600))
+    del s.results["recipe"]  # a file from before the recipe was recorded: the default recipe's cells
+    s.claim_recipe(study.SCALES["quick"])
+    with pytest.raises(SystemExit):
+        s.claim_recipe(replace(study.SCALES["quick"], lm_coef=1.0))

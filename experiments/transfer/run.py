@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 GUTENBERG = SHARED / "corpus" / "gutenberg"
 INITS = ("pretrained", "random", "no_aux")  # no_aux: pre-trained, fine-tuned with lambda = 0
+DEFAULT_RECIPE = {"min_steps": 300, "max_epochs": 20, "lm_coef": 0.5}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -48,8 +49,11 @@ class Scale:
     lrs: list[float]  # fine-tuning learning rates tried on SST-2 dev at 1k labels
     device: str = "cpu"
     batch_size: int = 16
-    min_steps: int = 300  # small budgets get more epochs, up to max_epochs, to reach this many steps
-    max_epochs: int = 20
+    # Small budgets get more epochs, up to max_epochs, to reach min_steps updates; lm_coef is lambda
+    # of the auxiliary LM objective (the no_aux cells use 0). Defaults: DEFAULT_RECIPE.
+    min_steps: int = DEFAULT_RECIPE["min_steps"]
+    max_epochs: int = DEFAULT_RECIPE["max_epochs"]
+    lm_coef: float = DEFAULT_RECIPE["lm_coef"]
     extra: dict = field(default_factory=dict)
 
 
@@ -118,7 +122,7 @@ def finetune_cell(pretrained: Path, runs: Path, scale: Scale, task: str, budget:
     spec = get_task(task)
     examples = budget or train_size(task)
     cfg = FinetuneConfig(learning_rate=lr, batch_size=scale.batch_size, epochs=epochs_for(scale, examples),
-                         warmup_frac=0.1, lm_coef=0.0 if init == "no_aux" else 0.5, clf_dropout=0.1,
+                         warmup_frac=0.1, lm_coef=0.0 if init == "no_aux" else scale.lm_coef, clf_dropout=0.1,
                          max_train=budget, random_init=init == "random", seed=seed, device=scale.device,
                          max_len=128)
     name = f"{task}-{budget or 'all'}-{init}-lr{lr:g}-s{seed}"
@@ -144,6 +148,16 @@ class Study:
         self.scale, self.out, self.runs = scale, out, runs
         self.path = out / "results.json"
         self.results = {"cells": {}, "lr": {}} if fresh or not self.path.exists() else json.loads(self.path.read_text())
+
+    def claim_recipe(self, scale: Scale) -> None:
+        """Record the fine-tuning recipe; refuse a results.json that holds another recipe's cells
+        (cells are keyed by task, budget, initialisation, seed and lr only, so they would mix)."""
+        recipe = {"min_steps": scale.min_steps, "max_epochs": scale.max_epochs, "lm_coef": scale.lm_coef}
+        held = self.results.get("recipe", DEFAULT_RECIPE)  # files from before the key hold the default
+        if self.results["cells"] and held != recipe:
+            sys.exit(f"error: {self.path} holds cells of the fine-tuning recipe {held}, not {recipe}; give another "
+                     "--out (or --fresh)")
+        self.results["recipe"] = recipe
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +275,10 @@ def main() -> None:
     ap.add_argument("--inits", default=",".join(INITS), help="comma-separated initialisations to fine-tune "
                     "in the grid (the learning-rate search always covers all three)")
     ap.add_argument("--lrs", help="comma-separated fine-tuning learning rates to choose from; default: the scale's")
+    ap.add_argument("--min-steps", type=int, help="fine-tuning updates every run makes at least (more epochs for "
+                    "small budgets, up to --max-epochs); default: the scale's (300)")
+    ap.add_argument("--max-epochs", type=int, help="the most epochs a small budget gets; default: the scale's (20)")
+    ap.add_argument("--lm-coef", type=float, help="lambda of the auxiliary LM objective; default: the scale's (0.5)")
     ap.add_argument("--out", help="where results.* and curves.png go (default: this folder, or "
                                   "runs/transfer/quick for --quick)")
     ap.add_argument("--runs", default="runs/transfer", help="where the pre-trained and fine-tuned runs go")
@@ -278,6 +296,9 @@ def main() -> None:
         scale.seeds = [int(s) for s in args.seeds.split(",")]
     if args.lrs:
         scale.lrs = [float(x) for x in args.lrs.split(",")]
+    for name in ("min_steps", "max_epochs", "lm_coef"):
+        if getattr(args, name) is not None:
+            setattr(scale, name, getattr(args, name))
     runs = Path(args.runs) / name
     out = Path(args.out) if args.out else (Path(__file__).parent if name == "cpu" else runs)
     start = time.perf_counter()
@@ -285,6 +306,7 @@ def main() -> None:
     if not args.pretrained:
         pretrain(scale, pretrained)
     study = Study(scale, out, runs / "finetune", args.fresh)
+    study.claim_recipe(scale)
     study.results.update(scale=name, pretrained=str(pretrained))
     study.choose_lrs(pretrained)
     study.grid(pretrained, tuple(args.inits.split(",")))

@@ -97,11 +97,15 @@ def _run(sweep_dir: Path, no_report: bool) -> None:
 
 
 def _outcome(sweep_dir: Path, rows: list[dict[str, Any]], report: bool) -> str:
-    done = [r for r in rows if r["state"] == "complete" and "best_val_loss" in r]
+    from slmkit.sweep.report import FINETUNE_KEY, best_row
+    from slmkit.sweep.runner import load_spec
+
+    spec = load_spec(sweep_dir)
+    b = best_row(rows, FINETUNE_KEY if spec.finetune else "best_val_loss")
     msg = ""
-    if done:
-        b = done[0]
-        msg += f"; best: trial {b['trial']} val {b['best_val_loss']:.4f} ({b['run_dir']})"
+    if b is not None:
+        score = f"dev {spec.finetune['metric']} {b[FINETUNE_KEY]:.4f}, " if spec.finetune else ""
+        msg += f"; best: trial {b['trial']} {score}val {b['best_val_loss']:.4f} ({b['run_dir']})"
     if report:
         msg += f"; report: {sweep_dir / 'report.md'}"
     return msg

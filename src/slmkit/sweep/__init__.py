@@ -71,6 +71,15 @@ class SweepOptions:
     heartbeat: int = option(HEARTBEAT_S, "workers record a heartbeat every S seconds while a trial runs; a trial "
                                          "silent for 4 S + 5 s (45 s by default) is failed and queued again",
                             metavar="S")
+    finetune_task: str | None = option(None, "rank trials by a short fine-tune's dev score on this task (sst2, "
+                                             "cola, ...; with --finetune-train and --finetune-dev) instead of by "
+                                             "validation loss", metavar="TASK")
+    finetune_train: str | None = option(None, "the fine-tune objective's training file", metavar="FILE")
+    finetune_dev: str | None = option(None, "the fine-tune objective's dev file: its score ranks the trials",
+                                      metavar="FILE")
+    finetune_set: tuple[str, ...] = option((), "a setting of the objective's fine-tune, as slm finetune names it "
+                                               "(repeatable; default lr=3e-4 batch_size=16 epochs=5 warmup_frac=0.1 "
+                                               "max_len=128 max_train=1000)", metavar="NAME=VALUE")
 
 
 def sweep_options(**options: Any) -> SweepOptions:
@@ -127,13 +136,18 @@ def create(sweep_dir: str | Path, base, *, log=print, **options: Any) -> SweepSp
     if trial_seconds is not None and budgeted:
         raise UserError(f"--trial-seconds sets max_iters and eval_interval per trial from the time budget; do not "
                         f"also sweep {', '.join(budgeted)}")
+    finetune = _finetune_objective(o)
+    if finetune is not None and o.prune:
+        raise UserError("--prune compares validation losses during training; with --finetune-task a trial's value "
+                        "is known only at its end: drop --prune")
     base.validate()
     require_loggers(base.train.logger)  # every trial logs to them: a missing one fails before the sweep exists
     skipped: list[tuple[dict, str]] = []
     spec = SweepSpec(
         mode=mode, params=space, n_trials=trials or 0, base=base.to_dict(), storage="", study_name="",
-        trial_seconds=trial_seconds, seeds=o.seeds, prune=(mode != "grid") if o.prune is None else o.prune,
-        sampler_seed=o.sampler_seed, heartbeat=o.heartbeat,
+        trial_seconds=trial_seconds, seeds=o.seeds,
+        prune=(mode != "grid" and finetune is None) if o.prune is None else o.prune,
+        sampler_seed=o.sampler_seed, heartbeat=o.heartbeat, finetune=finetune,
     )
     cells = None
     if mode == "grid":
@@ -161,6 +175,21 @@ def create(sweep_dir: str | Path, base, *, log=print, **options: Any) -> SweepSp
             unclaim_folder(sweep_dir)
         raise
     return spec
+
+
+def _finetune_objective(o: SweepOptions) -> dict[str, Any] | None:
+    """The fine-tune objective the flags ask for (None: rank by validation loss), checked now."""
+    given_flags = [flag for flag, v in (("--finetune-train", o.finetune_train), ("--finetune-dev", o.finetune_dev),
+                                        ("--finetune-set", o.finetune_set)) if v]
+    if o.finetune_task is None:
+        if given_flags:
+            raise UserError(f"{given_flags[0]} belongs to the fine-tune objective: add --finetune-task TASK")
+        return None
+    if not o.finetune_train or not o.finetune_dev:
+        raise UserError("--finetune-task needs the task's files: --finetune-train FILE --finetune-dev FILE")
+    from slmkit.sweep.objective import make_objective
+
+    return make_objective(o.finetune_task, o.finetune_train, o.finetune_dev, o.finetune_set)
 
 
 def unclaim_folder(folder: Path) -> None:

@@ -6,6 +6,8 @@ Every number in a row is read back from the trial's own metrics.jsonl (seed runs
   gap             val_loss - train_eval_loss at the last evaluation (overfitting shows as a growing gap)
   tokens/s        median training throughput, evaluations excluded
   wall (s)        training wall time at the last record (evaluations included)
+  fine-tuned dev  with --finetune-task: the last epoch's dev score of the trial's fine-tune (its
+                  finetune/metrics.jsonl); trials are then ranked by it, higher first
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from slmkit.errors import UserError
 from slmkit.runlog import pyplot, read_metrics, save_figure
+from slmkit.sweep.objective import describe, read_score
 from slmkit.sweep.runner import counted_trials, load_spec, load_study, redact_text, storage_errors, trial_run_dir
 from slmkit.train import CONFIG
 
@@ -105,18 +108,34 @@ def collect_rows(sweep_dir: str | Path) -> tuple[Any, list[dict[str, Any]]]:
                 row[k] = float(np.mean(vals))
                 row[f"{k}_std"] = float(np.std(vals))
             row["curves"] = [m["curve"] for m in ms]
+        if spec.finetune is not None:
+            scores = [s for d in run_dirs if (s := read_score(d, spec.finetune["metric"])) is not None]
+            if scores:
+                row[FINETUNE_KEY], row[f"{FINETUNE_KEY}_std"] = float(np.mean(scores)), float(np.std(scores))
         rows.append(row)
 
+    objective = objective_key(spec)
+    sign = -1.0 if spec.finetune is not None else 1.0  # the fine-tuned score: higher is better
+
     def key(r):
-        ok = r["state"] == "complete" and "best_val_loss" in r
-        return (0 if ok else 1 if "best_val_loss" in r else 2, r.get("best_val_loss", math.inf), r["trial"])
+        ok = r["state"] == "complete" and objective in r
+        return (0 if ok else 1 if objective in r else 2, sign * r.get(objective, sign * math.inf), r["trial"])
 
     rows.sort(key=key)
     return spec, rows
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((r for r in rows if r["state"] == "complete" and "best_val_loss" in r), None)
+FINETUNE_KEY = "finetune_dev"  # a row's mean fine-tuned dev score, with the fine-tune objective
+
+
+def objective_key(spec) -> str:
+    """The row field trials are ranked by: best_val_loss, or the fine-tuned dev score."""
+    return FINETUNE_KEY if spec.finetune is not None else "best_val_loss"
+
+
+def best_row(rows: list[dict[str, Any]], key: str = "best_val_loss") -> dict[str, Any] | None:
+    """The first complete row that has `key` (rows come sorted best first)."""
+    return next((r for r in rows if r["state"] == "complete" and key in r), None)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -131,15 +150,17 @@ def _pm(r: dict[str, Any], k: str, fmt: str, seeds: int) -> str:
 
 def markdown_table(spec, rows: list[dict[str, Any]]) -> str:
     names = [p.name for p in spec.params]
+    ft = spec.finetune is not None
     head = ["trial", *names, "params (M)", "tokens/s", "wall (s)", "steps", "best val loss", "final train loss",
-            "gap (val − train)", "state"]
+            "gap (val − train)", *([f"fine-tuned dev {spec.finetune['metric']}"] if ft else []), "state"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
-    best = best_row(rows)
+    best = best_row(rows, objective_key(spec))
     for r in rows:
         k = spec.seeds
         val = _pm(r, "best_val_loss", ".4f", k)
+        score = _pm(r, FINETUNE_KEY, ".4f", k)
         if best is not None and r is best:
-            val = f"**{val}**"
+            val, score = (val, f"**{score}**") if ft else (f"**{val}**", score)
         state = r["state"] + (f": {r['error'][:80]}" if r["state"] == "failed" and r["error"] else "")
         if r["stopped_by_budget"]:
             state += " (cut at the time budget)"
@@ -147,7 +168,8 @@ def markdown_table(spec, rows: list[dict[str, Any]]) -> str:
                  f"{r['params_M']:.3f}" if "params_M" in r else "",
                  _pm(r, "tokens_per_s", ",.0f", k), _pm(r, "wall_s", ".1f", k),
                  f"{r['steps']:.0f}" if "steps" in r else "", val,
-                 _pm(r, "final_train_loss", ".4f", k), _pm(r, "gap", "+.4f", k), state.replace("|", "/")]
+                 _pm(r, "final_train_loss", ".4f", k), _pm(r, "gap", "+.4f", k), *([score] if ft else []),
+                 state.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -156,7 +178,8 @@ def csv_text(spec, rows: list[dict[str, Any]]) -> str:
     names = [p.name for p in spec.params]
     cols = ["trial", "state", *names, "params_M", "tokens_per_s", "wall_s", "steps", "best_val_loss",
             "best_val_loss_std", "final_train_loss", "final_train_loss_std", "gap", "gap_std",
-            "seeds", "stopped_by_budget", "run_dir", "error"]
+            *([FINETUNE_KEY, f"{FINETUNE_KEY}_std"] if spec.finetune is not None else []), "seeds",
+            "stopped_by_budget", "run_dir", "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -197,13 +220,17 @@ def plot_curves(rows, path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelope: bool = True) -> None:
+def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelope: bool = True,
+                 y_key: str = "best_val_loss", ylabel: str = "best val loss") -> None:
+    """`y_key` (the validation loss, lower is better, or the fine-tuned dev score, higher is better)
+    of every trial against `x_key`; the chosen trial starred."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    pts = [r for r in rows if "best_val_loss" in r and r.get(x_key) is not None and r["state"] != "failed"]
+    pts = [r for r in rows if y_key in r and r.get(x_key) is not None and r["state"] != "failed"]
     numeric = all(isinstance(r[x_key], int | float) and not isinstance(r[x_key], bool) for r in pts)
     cats = sorted({str(r[x_key]) for r in pts}) if not numeric else []
-    best = best_row(rows)
+    best = best_row(rows, y_key)  # rows come sorted by the sweep's objective: the trial it chose
+    pick = max if y_key == FINETUNE_KEY else min
 
     def xv(r):
         return r[x_key] if numeric else cats.index(str(r[x_key]))
@@ -211,18 +238,18 @@ def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelop
     for state, marker in (("complete", "o"), ("pruned", "x")):
         sel = [r for r in pts if r["state"] == state]
         if sel:
-            ax.errorbar([xv(r) for r in sel], [r["best_val_loss"] for r in sel],
-                        yerr=[r.get("best_val_loss_std", 0.0) for r in sel], fmt=marker, alpha=0.75,
+            ax.errorbar([xv(r) for r in sel], [r[y_key] for r in sel],
+                        yerr=[r.get(f"{y_key}_std", 0.0) for r in sel], fmt=marker, alpha=0.75,
                         capsize=2, label=state)
     # The best trial at each value: the envelope a user would pick from.
     by_x: dict[Any, float] = {}
     for r in pts:
-        by_x[xv(r)] = min(by_x.get(xv(r), math.inf), r["best_val_loss"])
+        by_x[xv(r)] = pick(by_x.get(xv(r), r[y_key]), r[y_key])
     if envelope and len(by_x) > 1:
         xs = sorted(by_x)
         ax.plot(xs, [by_x[x] for x in xs], "-", color="gray", alpha=0.6, label="best at this value")
     if best is not None and best in pts:
-        ax.plot([xv(best)], [best["best_val_loss"]], "*", ms=16, color="crimson", label=f"best (trial {best['trial']})")
+        ax.plot([xv(best)], [best[y_key]], "*", ms=16, color="crimson", label=f"best (trial {best['trial']})")
     if log_x and numeric:
         from matplotlib.ticker import FormatStrFormatter
 
@@ -232,7 +259,7 @@ def plot_against(rows, x_key: str, path: Path, log_x: bool, xlabel: str, envelop
     if not numeric:
         ax.set_xticks(range(len(cats)), cats)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("best val loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # no finished trial yet: an empty legend only warns
         ax.legend(fontsize=8)
@@ -248,6 +275,14 @@ def make_plots(spec, rows, out: Path) -> list[Path]:
         path = out / f"val_vs_{p.name}.png"
         plot_against(rows, p.name, path, p.log_axis, p.name + (" (log)" if p.log_axis else ""))
         paths.append(path)
+    if spec.finetune is not None:
+        ylabel = f"fine-tuned dev {spec.finetune['metric']} ({spec.finetune['task']})"
+        for key, label, log_x in (("params_M", "parameters (M)", True), ("best_val_loss", "best val loss", False),
+                                  *((p.name, p.name, p.log_axis) for p in spec.params)):
+            path = out / f"finetune_vs_{key}.png"
+            plot_against(rows, key, path, log_x, label, envelope=key != "params_M", y_key=FINETUNE_KEY,
+                         ylabel=ylabel)
+            paths.append(path)
     return paths
 
 
@@ -271,7 +306,7 @@ def write_report(sweep_dir: str | Path, sample_tokens: int = 300) -> Path:
         raise UserError(f"{sweep_dir}: no trial has started yet")
     plots = make_plots(spec, rows, sweep_dir / PLOTS_DIR)
     atomic_write_text(sweep_dir / RESULTS_CSV, csv_text(spec, rows))
-    best = best_row(rows)
+    best = best_row(rows, objective_key(spec))
     sample = ""
     if best is not None and sample_tokens > 0:
         try:
@@ -292,13 +327,16 @@ def write_report(sweep_dir: str | Path, sample_tokens: int = 300) -> Path:
         f"{base.model.n_embd} wide, block {base.model.block_size}, batch {base.train.batch_size}), "
         f"data {base.data.dataset} ({base.data.tokenizer})",
         f"- budget: {budget}; seeds per trial: {spec.seeds}; pruning: {'median' if spec.prune else 'off'}",
+        "- ranked by: " + (describe(spec.finetune) if spec.finetune is not None else "best val loss, lower is better"),
         "- trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
     ]
     if spec.skipped:
         lines.append(f"- skipped invalid cells: {len(spec.skipped)}")
     if best is not None:
         setting = ", ".join(f"{p.name}={best[p.name]}" for p in spec.params)
-        lines += ["", f"**Best: trial {best['trial']}** ({setting}): best val loss {best['best_val_loss']:.4f}, "
+        score = (f"fine-tuned dev {spec.finetune['metric']} {best[FINETUNE_KEY]:.4f}, "
+                 if spec.finetune is not None else "")
+        lines += ["", f"**Best: trial {best['trial']}** ({setting}): {score}best val loss {best['best_val_loss']:.4f}, "
                       f"{best['params_M']:.3f}M parameters, {best['tokens_per_s']:,.0f} tokens/s, "
                       f"run directory `{best['run_dir']}`."]
     lines += ["", markdown_table(spec, rows), ""]

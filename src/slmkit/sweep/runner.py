@@ -75,6 +75,9 @@ class SweepSpec:
     sampler_seed: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)  # invalid grid cells, with reasons
     heartbeat: int = HEARTBEAT_S  # seconds between a worker's heartbeats (sweep.json before it: 10)
+    # None: trials are ranked by validation loss (lower is better). Otherwise sweep/objective.py's
+    # fine-tune objective: each trial is fine-tuned on a task and ranked by its dev score (higher is better).
+    finetune: dict[str, Any] | None = None
     version: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +116,18 @@ class SweepSpec:
                 raise UserError(f"{name} must be a non-empty string, got {show(getattr(self, name))}")
         if not isinstance(self.prune, bool) or not isinstance(self.skipped, list):
             raise UserError("prune must be true or false and skipped a list")
+        if self.finetune is not None:
+            from slmkit.sweep.objective import check_objective
+
+            check_objective(self.finetune)
+            if self.prune:
+                raise UserError("pruning compares validation losses; the fine-tune objective is known only "
+                                "when a trial ends: drop --prune")
         self.base_config().validate()
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if self.finetune else "minimize"
 
     def base_config(self) -> RunConfig:
         return RunConfig.from_dict(self.base)
@@ -313,7 +327,7 @@ def create_sweep(spec: SweepSpec, sweep_dir: Path, cells: list[dict[str, Any]] |
 
     storage = open_storage(spec.storage, spec.heartbeat)
     try:
-        study = optuna.create_study(storage=storage, study_name=spec.study_name, direction="minimize",
+        study = optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.direction,
                                     sampler=_sampler(spec, spec.sampler_seed), pruner=_pruner(spec))
     except optuna.exceptions.DuplicatedStudyError:
         raise UserError(f"the storage already holds a study named {spec.study_name!r}; "
@@ -707,7 +721,7 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
                 trial.set_user_attr("planned_eval_interval", plan.eval_interval)
                 trial.set_user_attr("planned_warmup_iters", plan.warmup_iters)
                 trial.set_user_attr("planned_seconds_per_step", round(plan.seconds_per_step, 5))
-            losses, runs, results = [], [], []
+            losses, scores, runs, results = [], [], [], []
             for i in range(spec.seeds):
                 run_cfg = copy.deepcopy(cfg)
                 run_cfg.train.seed = cfg.train.seed + i
@@ -723,7 +737,13 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
                     trial.set_user_attr("stopped_by_budget", True)
                 losses.append(result.best_val_loss)
                 results.append(result)
-            mean = float(np.mean(losses))
+                if spec.finetune is not None:
+                    from slmkit.sweep.objective import finetune_score
+
+                    scores.append(finetune_score(spec.finetune, run_dir, run_cfg.train.seed))
+                    trial.set_user_attr("seed_finetune_scores", scores)
+            values_told = scores if spec.finetune is not None else losses
+            mean = float(np.mean(values_told))
             walls = [wall_seconds(sweep_dir / r) for r in runs]
             trial.set_user_attr("seed_best_val_losses", losses)
             trial.set_user_attr("best_val_loss_std", float(np.std(losses)) if len(losses) > 1 else 0.0)
@@ -731,7 +751,7 @@ def run_trial(study, trial, spec: SweepSpec, sweep_dir: Path, prepared_dir: str,
             trial.set_user_attr("steps", [r.step for r in results])
             trial.set_user_attr("elapsed", [round(w, 2) for w in walls])
             study.tell(trial, mean)
-            summary.update(state="complete", value=mean, std=float(np.std(losses)), params=results[0].params,
+            summary.update(state="complete", value=mean, std=float(np.std(values_told)), params=results[0].params,
                            tokens_per_s=float(np.mean([r.tokens_per_s for r in results])),
                            elapsed=float(np.mean(walls)), steps=results[0].step)
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -810,7 +830,8 @@ class LiveTable:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=done, unit="trial", dynamic_ncols=True, desc="sweep")
-        self._print(self._row(["trial", *self.names, "params(M)", "tok/s", "time(s)", "best val", "state"]))
+        value = f"dev {spec.finetune['metric']}" if spec.finetune else "best val"
+        self._print(self._row(["trial", *self.names, "params(M)", "tok/s", "time(s)", value, "state"]))
 
     def _row(self, cells: list[str]) -> str:
         widths = [6, *self.widths, 9, 8, 7, 15, 8]
