@@ -82,7 +82,8 @@ def shorten(cmd: str) -> str:
         cmd = sub(r"--max-iters \d+", "--max-iters 10", cmd)
         cmd = sub(r"--eval-interval \d+", "--eval-interval 5", cmd)
         cmd = sub(r"--(random|trials) \d+", r"--\1 2", cmd)
-        cmd = sub(r"max_train=\d+", "max_train=100", cmd)
+        if "--finetune-task" in cmd:  # the fine-tune objective: a few labels, one epoch
+            cmd = sub(r"max_train=\d+", "max_train=100", cmd) + " --finetune-set epochs=1"
     return cmd
 
 

@@ -170,3 +170,14 @@ def test_cli_flags_make_the_objective(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "best: trial 0 dev accuracy " in printed
     assert (out / TRIALS_DIR / "trial_0000" / FINETUNE_DIR / "finetune.json").is_file()
+
+
+def test_a_tokenizer_that_cannot_encode_the_task_fails_before_any_trial(tmp_path, tiny_corpus):
+    train, dev = write_task(tmp_path)  # "good", "was", ... use letters the tiny corpus lacks
+    d = tmp_path / "sw"
+    sweep.create(d, base(tiny_corpus), grid=["n_layer=1,2"], **objective_flags(train, dev))
+    with pytest.raises(UserError, match=r"--finetune-train .*train.tsv, line 2: the pre-training tokenizer cannot "
+                                        r"encode it \(character .* pick a tokenizer that covers the task") as exc:
+        sweep.run(d, show=False)
+    assert "\n" not in str(exc.value)
+    assert [t.state.name for t in counted_trials(load_study(load_spec(d)))] == []  # no trial started

@@ -213,6 +213,10 @@ def run(sweep_dir: str | Path, show: bool = True, report: bool = True, worker_se
     spec = load_spec(sweep_dir)
     require_loggers(spec.base_config().train.logger)  # a worker that lacks a tracker says so before any trial
     data = prepare(spec.base_config().data)  # once, shared by every trial
+    if spec.finetune is not None:
+        from slmkit.sweep.objective import check_encodable
+
+        check_encodable(spec.finetune, data.tokenizer)
     with storage_errors(spec.storage):
         ran = run_worker(sweep_dir, str(data.dir), show=show, worker_seed=worker_seed, max_trials=max_trials)
     if report:

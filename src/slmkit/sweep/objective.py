@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.errors import UserError
+from slmkit.finetune.loop import SMALL_MODEL_LR
 
 FINETUNE_DIR = "finetune"  # inside each trial's run directory
 # What a sweep's fine-tune uses unless --finetune-set changes it: experiments/transfer's recipe for
 # models of a few million parameters (a subset of labels, a higher learning rate and more updates
 # than GPT-1's 117M-parameter recipe, sequences cut where sentence tasks end).
-SMALL_RECIPE: dict[str, Any] = {"learning_rate": 3e-4, "batch_size": 16, "epochs": 5, "warmup_frac": 0.1,
+SMALL_RECIPE: dict[str, Any] = {"learning_rate": SMALL_MODEL_LR, "batch_size": 16, "epochs": 5, "warmup_frac": 0.1,
                                 "max_len": 128, "max_train": 1000}
 # Settings the sweep decides: the seed follows the trial's seed, the device the trial's.
 NOT_SETTABLE = ("seed", "device", "dtype", "logger", "log_interval")
@@ -84,6 +85,24 @@ def make_objective(task: str, train: str, dev: str, settings: list[str] | tuple[
             raise UserError(f"{flag} {path}: no {task} examples in it")
     return {"task": spec.name, "metric": spec.primary_metric, "train": str(Path(train).resolve()),
             "dev": str(Path(dev).resolve()), "settings": parse_settings(settings)}
+
+
+def check_encodable(objective: dict[str, Any], tokenizer) -> None:
+    """Every text of the task's files in the pre-training tokenizer, before the first trial: a
+    character vocabulary that lacks a character of the task would otherwise fail every trial only
+    after its pre-training."""
+    from slmkit.finetune.tasks import get_task, read_examples
+
+    spec = get_task(objective["task"])
+    for key in ("train", "dev"):
+        for ex in read_examples(spec, objective[key]).examples:
+            for text in (*ex.segments, *ex.choices):
+                try:
+                    tokenizer.encode(text)
+                except UserError as exc:
+                    raise UserError(f"--finetune-{key} {objective[key]}, line {ex.line}: the pre-training "
+                                    f"tokenizer cannot encode it ({exc}); pick a tokenizer that covers the task, "
+                                    "such as --tokenizer bpe") from None
 
 
 def check_objective(objective: Any) -> None:

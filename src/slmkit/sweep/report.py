@@ -280,8 +280,9 @@ def make_plots(spec, rows, out: Path) -> list[Path]:
         for key, label, log_x in (("params_M", "parameters (M)", True), ("best_val_loss", "best val loss", False),
                                   *((p.name, p.name, p.log_axis) for p in spec.params)):
             path = out / f"finetune_vs_{key}.png"
-            plot_against(rows, key, path, log_x, label, envelope=key != "params_M", y_key=FINETUNE_KEY,
-                         ylabel=ylabel)
+            # The envelope (best at each value) reads only over a swept setting's few values.
+            plot_against(rows, key, path, log_x, label, envelope=key not in ("params_M", "best_val_loss"),
+                         y_key=FINETUNE_KEY, ylabel=ylabel)
             paths.append(path)
     return paths
 
