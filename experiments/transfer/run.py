@@ -8,6 +8,7 @@ one panel per task), and writes results.json, results.md and curves.png into --o
 
     python experiments/transfer/run.py --quick        # ~10 min on 2 CPU cores: SST-2, 250 and 1k labels
     python experiments/transfer/run.py                # the CPU study: 30 min pre-training, then the grid
+    python experiments/transfer/run.py --scale cpu-searched  # the recipe `slm sweep --finetune-task` chose
     python experiments/transfer/run.py --scale gpu    # a larger model and every label, on a GPU
 
 Every stage is resumable: the pre-trained run is reused when it finished, and fine-tuning cells
