@@ -26,17 +26,28 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path_factory.getbasetemp() / "slmkit-cache"))
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One torch thread for a test (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on a
-    shared 2-core machine, OpenMP threads spinning against other jobs make tiny models several times
-    slower than one thread."""
+def _one_torch_thread():
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on a
+    shared 2-core machine, OpenMP threads spinning against other jobs make tiny models several times
+    slower than one thread."""
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def module_one_torch_thread():
+    """one_torch_thread for a whole module, module-scoped fixtures included (they are set up before a
+    test's own fixtures, so they request this one by name)."""
+    yield from _one_torch_thread()
 
 
 @pytest.fixture

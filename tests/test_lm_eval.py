@@ -70,18 +70,7 @@ def task_yamls(folder, storycloze, gutenberg) -> None:
 
 
 @pytest.fixture(scope="module")
-def module_one_thread():
-    """one_torch_thread for the module-scoped fixtures too (they are set up before a test's own fixtures)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, module_one_thread):
+def setup(tmp_path_factory, module_one_torch_thread):
     """A tiny BPE run (block 64, so long stories are cut from the left), its HF export, a tiny char run,
     and the task folder."""
     import slmkit

@@ -21,16 +21,8 @@ from slmkit.sweep.runner import TRIALS_DIR, counted_trials, load_spec, load_stud
 from slmkit.sweep.space import expand_grid, parse_space  # noqa: E402
 from slmkit.train import read_metrics  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train fastest on one thread, and the machine's other cores stay free."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models train fastest on one thread, and the machine's other cores stay free.
+pytestmark = pytest.mark.usefixtures("module_one_torch_thread")
 
 
 def base(corpus: Path, **train):
@@ -112,7 +104,7 @@ def test_skip_invalid_queues_only_valid_cells(tmp_path, tiny_corpus):
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory):
+def grid_sweep(tmp_path_factory, module_one_torch_thread):
     """One 2 x 2 grid sweep shared by the report tests."""
     tmp = tmp_path_factory.mktemp("grid")
     corpus = tmp / "tiny.txt"

@@ -17,15 +17,7 @@ from slmkit.runlog import read_metrics  # noqa: E402
 from slmkit.sweep.objective import FINETUNE_DIR, SMALL_RECIPE, parse_settings  # noqa: E402
 from slmkit.sweep.runner import TRIALS_DIR, counted_trials, load_spec, load_study  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_one_torch_thread")
 
 
 def write_task(folder: Path) -> tuple[Path, Path]:
@@ -62,7 +54,7 @@ def objective_flags(train: Path, dev: Path, **settings) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ft_sweep(tmp_path_factory):
+def ft_sweep(tmp_path_factory, module_one_torch_thread):
     tmp = tmp_path_factory.mktemp("ftsweep")
     train, dev = write_task(tmp)
     corpus = task_corpus(tmp, train)

@@ -92,16 +92,14 @@ def _run(sweep_dir: Path, no_report: bool) -> None:
     from slmkit.sweep import collect_rows, run
 
     ran = run(sweep_dir, show=True, report=not no_report)
-    _, rows = collect_rows(sweep_dir)
-    print(f"this worker ran {ran} trial(s)" + _outcome(sweep_dir, rows, not no_report))
+    spec, rows = collect_rows(sweep_dir)
+    print(f"this worker ran {ran} trial(s)" + _outcome(sweep_dir, spec, rows, not no_report))
 
 
-def _outcome(sweep_dir: Path, rows: list[dict[str, Any]], report: bool) -> str:
-    from slmkit.sweep.report import FINETUNE_KEY, best_row
-    from slmkit.sweep.runner import load_spec
+def _outcome(sweep_dir: Path, spec, rows: list[dict[str, Any]], report: bool) -> str:
+    from slmkit.sweep.report import FINETUNE_KEY, best_row, objective_key
 
-    spec = load_spec(sweep_dir)
-    b = best_row(rows, FINETUNE_KEY if spec.finetune else "best_val_loss")
+    b = best_row(rows, objective_key(spec))
     msg = ""
     if b is not None:
         score = f"dev {spec.finetune['metric']} {b[FINETUNE_KEY]:.4f}, " if spec.finetune else ""
@@ -126,7 +124,7 @@ def _print_finished(sweep_dir: Path, no_report: bool) -> None:
     spec, rows = collect_rows(sweep_dir)
     print(f"sweep {sweep_dir}: all {len(rows)} trial(s) are finished; nothing was left to run")
     print(markdown_table(spec, rows), end="")
-    outcome = _outcome(sweep_dir, rows, not no_report and (sweep_dir / REPORT_MD).is_file())
+    outcome = _outcome(sweep_dir, spec, rows, not no_report and (sweep_dir / REPORT_MD).is_file())
     if outcome:
         print(outcome.removeprefix("; "))
 
