@@ -374,11 +374,16 @@ def test_prediction_rows_for_each_output_kind():
 
 
 def test_small_models_get_the_small_model_suggestion_and_large_ones_none():
-    from slmkit.finetune.loop import SMALL_MODEL_STEPS, FinetuneConfig, small_model_hint
+    from slmkit.finetune.loop import SMALL_MODEL_RECIPE, SMALL_MODEL_STEPS, FinetuneConfig, small_model_hint
 
-    paper = FinetuneConfig()  # GPT-1's lr 6.25e-5, batch 32, 3 epochs
-    hint = small_model_hint(2_000_000, paper, examples=1000)  # 3 x 32 = 96 updates
-    assert "--lr 0.0003" in hint and f"--epochs {-(-SMALL_MODEL_STEPS // 32)}" in hint
+    paper = FinetuneConfig()  # GPT-1's lr 6.25e-5, batch 32, 3 epochs, warmup 0.2%, lambda 0.5
+    hint = small_model_hint(2_000_000, paper, examples=1000)
+    small_batch = SMALL_MODEL_RECIPE["batch_size"]
+    assert f"--lr {SMALL_MODEL_RECIPE['learning_rate']:g}" in hint and f"--batch-size {small_batch}" in hint
+    assert f"--warmup-frac {SMALL_MODEL_RECIPE['warmup_frac']:g}" in hint
+    # The epochs that make SMALL_MODEL_STEPS updates at the suggested batch size (3 x 63 are too few).
+    assert f"--epochs {-(-SMALL_MODEL_STEPS // -(-1000 // small_batch))}" in hint
     assert small_model_hint(117_000_000, paper, examples=1000) is None  # the size the recipe was set for
-    tuned = FinetuneConfig(learning_rate=1e-3, epochs=3)
-    assert small_model_hint(2_000_000, tuned, examples=67_000) is None  # the user's lr, enough updates
+    # What the user set is theirs: no suggestion for it.
+    mine = FinetuneConfig(learning_rate=2e-4, batch_size=8, epochs=3, warmup_frac=0.05, lm_coef=0.25)
+    assert small_model_hint(2_000_000, mine, examples=67_000) is None

@@ -99,7 +99,8 @@ def test_report_ranks_by_the_fine_tuned_score(ft_sweep, capsys):
     for r in rows:
         assert float(r["finetune_dev"]) == pytest.approx(trials[int(r["trial"])].value)
     md = (ft_sweep / "report.md").read_text()
-    assert "ranked by: dev accuracy of a fine-tune on sst2 (every label, 2 epochs, lr 0.0003), higher is better" in md
+    lr = SMALL_RECIPE["learning_rate"]
+    assert f"ranked by: dev accuracy of a fine-tune on sst2 (every label, 2 epochs, lr {lr:g}), higher is better" in md
     assert f"**{scores[0]:.4f} ± " in md and "fine-tuned dev accuracy" in md
     assert f"**Best: trial {rows[0]['trial']}**" in md
     for name in ("finetune_vs_params_M.png", "finetune_vs_learning_rate.png", "finetune_vs_best_val_loss.png"):
@@ -107,9 +108,9 @@ def test_report_ranks_by_the_fine_tuned_score(ft_sweep, capsys):
 
 
 def test_settings_parse_to_the_small_recipe_with_overrides():
-    s = parse_settings(["lr=1e-4", "max-train=250", "random_init=true", "lm_coef=0"])
+    s = parse_settings(["lr=1e-4", "max-train=250", "random_init=true", "lm_coef=0.25"])
     assert s["learning_rate"] == 1e-4 and s["max_train"] == 250 and s["random_init"] is True
-    assert s["lm_coef"] == 0.0 and s["epochs"] == SMALL_RECIPE["epochs"]
+    assert s["lm_coef"] == 0.25 and s["epochs"] == SMALL_RECIPE["epochs"]
     assert parse_settings(["transfer_layers=2"])["transfer_layers"] == 2
     assert parse_settings([]) == SMALL_RECIPE
 

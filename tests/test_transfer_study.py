@@ -63,3 +63,9 @@ def test_cells_of_another_fine_tuning_recipe_are_not_mixed_in(study, tmp_path):
     s.claim_recipe(study.SCALES["quick"])
     with pytest.raises(SystemExit):
         s.claim_recipe(replace(study.SCALES["quick"], lm_coef=1.0))
+    # A file recorded before the fine-tuning dropout was a setting: it kept the pre-trained model's.
+    s.results["recipe"] = {"min_steps": 300, "max_epochs": 20, "lm_coef": 0.5}
+    s.claim_recipe(study.SCALES["quick"])
+    assert s.results["recipe"]["dropout"] == -1.0
+    with pytest.raises(SystemExit):
+        s.claim_recipe(replace(study.SCALES["quick"], dropout=0.1))

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 GUTENBERG = SHARED / "corpus" / "gutenberg"
 INITS = ("pretrained", "random", "no_aux")  # no_aux: pre-trained, fine-tuned with lambda = 0
-DEFAULT_RECIPE = {"min_steps": 300, "max_epochs": 20, "lm_coef": 0.5}
+# dropout: the transformer's dropout while fine-tuning; -1 keeps the pre-trained model's.
+DEFAULT_RECIPE = {"min_steps": 300, "max_epochs": 20, "lm_coef": 0.5, "dropout": -1.0}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -55,6 +56,7 @@ class Scale:
     min_steps: int = DEFAULT_RECIPE["min_steps"]
     max_epochs: int = DEFAULT_RECIPE["max_epochs"]
     lm_coef: float = DEFAULT_RECIPE["lm_coef"]
+    dropout: float = DEFAULT_RECIPE["dropout"]
     extra: dict = field(default_factory=dict)
 
 
@@ -134,7 +136,7 @@ def finetune_cell(pretrained: Path, runs: Path, scale: Scale, task: str, budget:
     cfg = FinetuneConfig(learning_rate=lr, batch_size=scale.batch_size, epochs=epochs_for(scale, examples),
                          warmup_frac=0.1, lm_coef=0.0 if init == "no_aux" else scale.lm_coef, clf_dropout=0.1,
                          max_train=budget, random_init=init == "random", seed=seed, device=scale.device,
-                         max_len=128)
+                         max_len=128, dropout=scale.dropout)
     name = f"{task}-{budget or 'all'}-{init}-lr{lr:g}-s{seed}"
     r = finetune(pretrained, spec, task_file(task, "train"), task_file(task, "dev"), runs / name, cfg,
                  overwrite=True, progress=False)
@@ -162,8 +164,9 @@ class Study:
     def claim_recipe(self, scale: Scale) -> None:
         """Record the fine-tuning recipe; refuse a results.json that holds another recipe's cells
         (cells are keyed by task, budget, initialisation, seed and lr only, so they would mix)."""
-        recipe = {"min_steps": scale.min_steps, "max_epochs": scale.max_epochs, "lm_coef": scale.lm_coef}
-        held = self.results.get("recipe", DEFAULT_RECIPE)  # files from before the key hold the default
+        recipe = {name: getattr(scale, name) for name in DEFAULT_RECIPE}
+        # Files from before a key hold its default.
+        held = {**DEFAULT_RECIPE, **self.results.get("recipe", {})}
         if self.results["cells"] and held != recipe:
             sys.exit(f"error: {self.path} holds cells of the fine-tuning recipe {held}, not {recipe}; give another "
                      "--out (or --fresh)")
@@ -289,6 +292,8 @@ def main() -> None:
                     "small budgets, up to --max-epochs); default: the scale's (300)")
     ap.add_argument("--max-epochs", type=int, help="the most epochs a small budget gets; default: the scale's (20)")
     ap.add_argument("--lm-coef", type=float, help="lambda of the auxiliary LM objective; default: the scale's (0.5)")
+    ap.add_argument("--dropout", type=float, help="the transformer's dropout while fine-tuning; default: the "
+                    "pre-trained model's")
     ap.add_argument("--out", help="where results.* and curves.png go (default: this folder, or "
                                   "runs/transfer/quick for --quick)")
     ap.add_argument("--runs", default="runs/transfer", help="where the pre-trained and fine-tuned runs go")
@@ -306,7 +311,7 @@ def main() -> None:
         scale.seeds = [int(s) for s in args.seeds.split(",")]
     if args.lrs:
         scale.lrs = [float(x) for x in args.lrs.split(",")]
-    for setting in ("min_steps", "max_epochs", "lm_coef"):
+    for setting in DEFAULT_RECIPE:
         if getattr(args, setting) is not None:
             setattr(scale, setting, getattr(args, setting))
     runs = Path(args.runs) / name

@@ -56,12 +56,16 @@ SIGNED_METRICS = ("mcc", "pearson", "spearman")
 RUN_FILES = (BEST, METRICS, PLOT, LOG, SUMMARY)
 META_KEY = "finetune"
 KIND = "finetune"  # the ownership marker's kind for a fine-tuned run directory
-# GPT-1's recipe was set for 117M parameters. Below SMALL_MODEL parameters, experiments/transfer
-# (6.9M parameters, SST-2 dev, learning rates chosen on dev) found a larger learning rate and at
-# least SMALL_MODEL_STEPS updates better; `slm finetune` suggests them rather than changing the
-# paper's defaults under the user.
+# GPT-1's recipe was set for 117M parameters and thousands of labels. For models below SMALL_MODEL
+# parameters, experiments/transfer/recipe.py searched it again (a 6.9M-parameter model, 1,000 SST-2
+# labels, chosen on held-out training sentences rather than on dev). Only the settings that led the
+# paper's value there by more than a point are suggested: a larger learning rate (+6 points over
+# 1e-4), a 10% warmup (+2.6 over 0.2%) and at least SMALL_MODEL_STEPS updates; batch 16 is the
+# study's own. Lambda is not: held-out could not tell 0 from 0.5, and on dev 0.5 was better.
+# `slm finetune` suggests these rather than changing the paper's defaults under the user;
+# `slm sweep --finetune-task` fine-tunes with them.
 SMALL_MODEL = 30_000_000
-SMALL_MODEL_LR = 3e-4
+SMALL_MODEL_RECIPE: dict[str, Any] = {"learning_rate": 1e-3, "batch_size": 16, "warmup_frac": 0.1}
 SMALL_MODEL_STEPS = 300
 
 
@@ -296,21 +300,25 @@ class FinetuneResult:
 
 
 def small_model_hint(n_params: int, cfg: FinetuneConfig, examples: int) -> str | None:
-    """A note when GPT-1's defaults meet a small model: the learning rate and the number of updates
-    that experiments/transfer found better at this size (None when nothing to suggest)."""
+    """A note when GPT-1's defaults meet a small model: the SMALL_MODEL_RECIPE settings the user left at
+    the paper's values, and enough epochs for SMALL_MODEL_STEPS updates (None when nothing to suggest)."""
     if n_params >= SMALL_MODEL:
         return None
-    suggestions = []
-    default_lr = next(f.default for f in fields(FinetuneConfig) if f.name == "learning_rate")
-    if cfg.learning_rate == default_lr:
-        suggestions.append(f"--lr {SMALL_MODEL_LR:g}")
-    steps_per_epoch = max(1, math.ceil(examples / cfg.batch_size))
+    by_name = {f.name: f for f in fields(FinetuneConfig)}
+    suggestions, batch_size = [], cfg.batch_size
+    for name, value in SMALL_MODEL_RECIPE.items():
+        f = by_name[name]
+        if getattr(cfg, name) == f.default != value:
+            flag = (f.metadata.get("flags") or (f"--{name.replace('_', '-')}",))[0]
+            suggestions.append(f"{flag} {value:g}")
+            batch_size = value if name == "batch_size" else batch_size
+    steps_per_epoch = max(1, math.ceil(examples / batch_size))
     if cfg.epochs * steps_per_epoch < SMALL_MODEL_STEPS:
         suggestions.append(f"--epochs {math.ceil(SMALL_MODEL_STEPS / steps_per_epoch)}")
     if not suggestions:
         return None
     return (f"note: GPT-1's fine-tuning recipe was set for 117M parameters; for a model of {n_params / 1e6:.1f}M, "
-            f"experiments/transfer found {' and '.join(suggestions)} better (at least {SMALL_MODEL_STEPS} updates)")
+            f"experiments/transfer found {' '.join(suggestions)} better (at least {SMALL_MODEL_STEPS} updates)")
 
 
 def _load_split(spec: TaskSpec, path: str | Path, tokenizer: Tokenizer, max_len: int, log: RunLog,

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.errors import UserError
-from slmkit.finetune.loop import SMALL_MODEL_LR
+from slmkit.finetune.loop import SMALL_MODEL_RECIPE, SMALL_MODEL_STEPS
 
 FINETUNE_DIR = "finetune"  # inside each trial's run directory
 # What a sweep's fine-tune uses unless --finetune-set changes it: experiments/transfer's recipe for
-# models of a few million parameters (a subset of labels, a higher learning rate and more updates
-# than GPT-1's 117M-parameter recipe, sequences cut where sentence tasks end).
-SMALL_RECIPE: dict[str, Any] = {"learning_rate": SMALL_MODEL_LR, "batch_size": 16, "epochs": 5, "warmup_frac": 0.1,
-                                "max_len": 128, "max_train": 1000}
+# models of a few million parameters (slm finetune's small-model suggestion) on a subset of 1,000
+# labels, with the epochs that make its SMALL_MODEL_STEPS updates, sequences cut where sentence tasks end.
+SMALL_RECIPE: dict[str, Any] = {**SMALL_MODEL_RECIPE, "max_train": 1000, "max_len": 128,
+                                "epochs": math.ceil(SMALL_MODEL_STEPS * SMALL_MODEL_RECIPE["batch_size"] / 1000)}
 # Settings the sweep decides: the seed follows the trial's seed, the device the trial's.
 NOT_SETTABLE = ("seed", "device", "dtype", "logger", "log_interval")
 
