@@ -59,8 +59,8 @@ KIND = "finetune"  # the ownership marker's kind for a fine-tuned run directory
 # GPT-1's recipe was set for 117M parameters and thousands of labels. For models below SMALL_MODEL
 # parameters, experiments/transfer/recipe.py searched it again (a 6.9M-parameter model, 1,000 SST-2
 # labels, chosen on held-out training sentences rather than on dev). Only the settings that led the
-# paper's value there by more than a point are suggested: a larger learning rate (+6 points over
-# 1e-4), a 10% warmup (+2.6 over 0.2%) and at least SMALL_MODEL_STEPS updates; batch 16 is the
+# searched value nearest the paper's by more than a point are suggested: a larger learning rate (+6
+# points over 1e-4), a 10% warmup (+2.6 over 0.2%) and at least SMALL_MODEL_STEPS updates; batch 16 is the
 # study's own. Lambda is not: held-out could not tell 0 from 0.5, and on dev 0.5 was better.
 # `slm finetune` suggests these rather than changing the paper's defaults under the user;
 # `slm sweep --finetune-task` fine-tunes with them.
@@ -305,14 +305,12 @@ def small_model_hint(n_params: int, cfg: FinetuneConfig, examples: int) -> str |
     if n_params >= SMALL_MODEL:
         return None
     by_name = {f.name: f for f in fields(FinetuneConfig)}
-    suggestions, batch_size = [], cfg.batch_size
-    for name, value in SMALL_MODEL_RECIPE.items():
-        f = by_name[name]
-        if getattr(cfg, name) == f.default != value:
-            flag = (f.metadata.get("flags") or (f"--{name.replace('_', '-')}",))[0]
-            suggestions.append(f"{flag} {value:g}")
-            batch_size = value if name == "batch_size" else batch_size
-    steps_per_epoch = max(1, math.ceil(examples / batch_size))
+    suggested = {name: value for name, value in SMALL_MODEL_RECIPE.items()
+                 if getattr(cfg, name) == by_name[name].default != value}
+    # A field's short flag where it has one (--lr), else its generated --kebab-name.
+    flag = {name: (by_name[name].metadata.get("flags") or (f"--{name.replace('_', '-')}",))[0] for name in suggested}
+    suggestions = [f"{flag[name]} {value:g}" for name, value in suggested.items()]
+    steps_per_epoch = max(1, math.ceil(examples / suggested.get("batch_size", cfg.batch_size)))
     if cfg.epochs * steps_per_epoch < SMALL_MODEL_STEPS:
         suggestions.append(f"--epochs {math.ceil(SMALL_MODEL_STEPS / steps_per_epoch)}")
     if not suggestions:
