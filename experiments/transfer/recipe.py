@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import interval, task_file  # noqa: E402  (the study's own helpers)
+from run import interval, last_epoch_dev, show, task_file  # noqa: E402  (the study's own helpers)
 
 BASE = {  # the recipe experiments/transfer/run.py used: GPT-1's, with the small-model lr and epochs
     "pretrained": {"learning_rate": 3e-4, "epochs": 5, "lm_coef": 0.5, "clf_dropout": 0.1, "warmup_frac": 0.1},
@@ -94,9 +94,8 @@ class Search:
             cfg = FinetuneConfig(**recipe, **FIXED, max_train=self.budget, random_init=init == "random", seed=seed)
             r = finetune(self.pretrained, spec, train, dev, self.runs / f"{stage}-{len(self.results['runs']):03d}",
                          cfg, overwrite=True, progress=False)
-            last = [h for h in r.history if f"dev_{spec.primary_metric}" in h][-1]
             self.results["runs"][key] = {"stage": stage, "init": init, "recipe": recipe, "seed": seed,
-                                         "score": last[f"dev_{spec.primary_metric}"], "seconds": round(r.elapsed, 1)}
+                                         "score": last_epoch_dev(r, spec), "seconds": round(r.elapsed, 1)}
             self.save()
             print(f"{key:<90} {self.results['runs'][key]['score']:.4f} ({r.elapsed:.0f} s)", flush=True)
         return self.results["runs"][key]["score"]
@@ -126,17 +125,14 @@ def other_lambda(pretrained: dict) -> dict:
 
 def markdown(task: str, budget: int, chosen: dict, table: dict) -> str:
     """One row: each initialisation's dev score (its recipe's lambda in the header) and the gain."""
-    def cell(init: str) -> str:
-        mean, half, n = table[init]
-        return f"{100 * mean:.1f} ± {100 * half:.1f} (n={n})"
-
     lam = {init: f"λ = {recipe['lm_coef']:g}" for init, recipe in chosen.items()}
     gain = 100 * (table["pretrained"][0] - table["random"][0])
     return "\n".join([
         f"| task | labels | pre-trained ({lam['pretrained']}) | random init ({lam['random']}) "
         f"| pre-trained, {lam['lambda']} | gain over random |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| {task} | {budget} | {cell('pretrained')} | {cell('random')} | {cell('lambda')} | {gain:+.1f} |"])
+        f"| {task} | {budget} | {show(table, 'pretrained')} | {show(table, 'random')} | {show(table, 'lambda')} "
+        f"| {gain:+.1f} |"])
 
 
 def main() -> None:

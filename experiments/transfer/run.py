@@ -126,6 +126,13 @@ def train_size(task: str) -> int:
     return len(read_examples(get_task(task), task_file(task, "train")).examples)
 
 
+def last_epoch_dev(result, spec) -> float:
+    """A fine-tune's dev score on the task's primary metric after its last epoch (the study reports
+    that, not the best epoch: no early stopping on dev)."""
+    key = f"dev_{spec.primary_metric}"
+    return [h for h in result.history if key in h][-1][key]
+
+
 def finetune_cell(pretrained: Path, runs: Path, scale: Scale, task: str, budget: int, init: str, seed: int,
                   lr: float) -> dict:
     """One fine-tuning run; its last epoch's dev scores and what it cost."""
@@ -140,9 +147,8 @@ def finetune_cell(pretrained: Path, runs: Path, scale: Scale, task: str, budget:
     name = f"{task}-{budget or 'all'}-{init}-lr{lr:g}-s{seed}"
     r = finetune(pretrained, spec, task_file(task, "train"), task_file(task, "dev"), runs / name, cfg,
                  overwrite=True, progress=False)
-    last = [h for h in r.history if f"dev_{spec.primary_metric}" in h][-1]
     return {"task": task, "budget": budget, "init": init, "seed": seed, "lr": lr, "epochs": cfg.epochs,
-            "metric": spec.primary_metric, "dev": last[f"dev_{spec.primary_metric}"],
+            "metric": spec.primary_metric, "dev": last_epoch_dev(r, spec),
             "best_dev": r.best_dev[spec.primary_metric], "seconds": round(r.elapsed, 1)}
 
 

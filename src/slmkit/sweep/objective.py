@@ -25,8 +25,10 @@ FINETUNE_DIR = "finetune"  # inside each trial's run directory
 # What a sweep's fine-tune uses unless --finetune-set changes it: experiments/transfer's recipe for
 # models of a few million parameters (slm finetune's small-model suggestion) on a subset of 1,000
 # labels, with the epochs that make its SMALL_MODEL_STEPS updates, sequences cut where sentence tasks end.
-SMALL_RECIPE: dict[str, Any] = {**SMALL_MODEL_RECIPE, "max_train": 1000, "max_len": 128,
-                                "epochs": math.ceil(SMALL_MODEL_STEPS * SMALL_MODEL_RECIPE["batch_size"] / 1000)}
+SMALL_LABELS = 1000
+SMALL_RECIPE: dict[str, Any] = {
+    **SMALL_MODEL_RECIPE, "max_train": SMALL_LABELS, "max_len": 128,
+    "epochs": math.ceil(SMALL_MODEL_STEPS * SMALL_MODEL_RECIPE["batch_size"] / SMALL_LABELS)}
 # Settings the sweep decides: the seed follows the trial's seed, the device the trial's.
 NOT_SETTABLE = ("seed", "device", "dtype", "logger", "log_interval")
 
