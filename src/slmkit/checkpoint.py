@@ -256,6 +256,12 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> torch.n
     from slmkit.model import GPT
 
     model = GPT(ckpt.config.model)
+    load_weights(model, ckpt)
+    return model.to(device)
+
+
+def load_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Copy a checkpoint's weights into `model`, every one of them (the tied head is the embedding)."""
     try:
         missing, unexpected = model.load_state_dict(ckpt.model_state(), strict=False)
     except RuntimeError as exc:  # a size mismatch the checks above did not name
@@ -266,7 +272,6 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> torch.n
         raise UserError(
             f"checkpoint {ckpt.path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return model.to(device)
 
 
 def load_model(run_or_file: str | Path, device: str | torch.device = "cpu", which: str = "best"):

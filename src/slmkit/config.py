@@ -243,6 +243,9 @@ class TrainConfig:
     zeroshot_calibrate: str = _opt("", "cola under --zeroshot: the labelled file its threshold is chosen on")
     zeroshot_limit: int = _opt(0, "--zeroshot scores the first N examples of each file (and of the calibration "
                                   "file); 0 = all", bounds=(0, 2**31 - 1))
+    init_from: str = _opt("", "start from this run's (or checkpoint file's) weights and tokenizer instead of random "
+                              "weights: continued pre-training on --dataset, with a fresh optimizer and schedule",
+                          metavar="RUN")
     logger: str = _opt("", "also log to these experiment trackers, comma-separated: csv (metrics.csv), tensorboard, "
                            "wandb, mlflow (each but csv is an optional extra; metrics.jsonl is always written)",
                        metavar="NAME[,NAME...]")

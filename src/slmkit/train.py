@@ -7,6 +7,7 @@ same data as an uninterrupted single-process run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,17 @@ import numpy as np
 import torch
 
 from slmkit.budget import check_fits, training_memory
-from slmkit.checkpoint import BEST, LAST, Checkpoint, checkpoint_metadata, load_checkpoint, save_checkpoint, unwrap
+from slmkit.checkpoint import (
+    BEST,
+    LAST,
+    Checkpoint,
+    checkpoint_metadata,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    unwrap,
+)
 from slmkit.config import MAX_STEPS, RunConfig
 from slmkit.data import (
     PreparedData,
@@ -77,7 +88,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, data: PreparedData, resume_from: Checkpoint | None = None,
-                 force: bool = False, probe: ZeroShotProbe | None = None):
+                 force: bool = False, probe: ZeroShotProbe | None = None, init: Checkpoint | None = None):
         self.cfg, self.run_dir, self.data, self.probe = cfg, run_dir, data, probe
         t = cfg.train
         self.ddp, self.device = init_distributed(t.device)
@@ -96,7 +107,10 @@ class Trainer:
         estimate = training_memory(cfg.model, cfg.model.vocab_size, t.batch_size, self.dtype != torch.float32)
         check_fits(estimate, _model_words(cfg), self.device.type, force)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model = GPT(cfg.model).to(self.device)
+        self.model = GPT(cfg.model)
+        if init is not None and resume_from is None:
+            self._start_from(init)
+        self.model.to(self.device)
         self.params = self.model.num_params()
         self.optimizer = make_adamw(self.model, t.learning_rate, (t.beta1, t.beta2), t.weight_decay, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16 and self.device.type == "cuda")
@@ -138,6 +152,12 @@ class Trainer:
                 "train tokens (max_iters)")
 
     # -- state -------------------------------------------------------------------------------
+
+    def _start_from(self, ckpt: Checkpoint) -> None:
+        """--init-from: the weights of another run; the optimizer, schedule and step count start afresh."""
+        if ckpt.tokenizer.fingerprint() != self.tokenizer.fingerprint():
+            raise UserError(f"--init-from: {ckpt.path} was trained with a different tokenizer than this dataset's")
+        load_weights(self.model, ckpt)
 
     def _restore(self, ckpt: Checkpoint) -> None:
         if ckpt.tokenizer.fingerprint() != self.tokenizer.fingerprint():
@@ -555,13 +575,17 @@ def train(
         saved = load_checkpoint(run_dir / LAST) if resume else None
         if saved is not None:
             check_same_data(saved.config, cfg)
-        saved_tokenizer = saved.tokenizer if saved is not None else None
+        # --init-from: the starting weights come with their tokenizer, which then encodes the new text.
+        init = load_checkpoint(find_checkpoint(t.init_from)) if t.init_from and saved is None else None
+        if init is not None:
+            check_init_architecture(init, cfg)
+        saved_tokenizer = saved.tokenizer if saved is not None else init.tokenizer if init is not None else None
         data = open_prepared(prepared_dir) if prepared_dir else prepare(cfg.data, tokenizer=saved_tokenizer)
         probe = None
         if t.zeroshot and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone logs, so it alone probes
             probe = ZeroShotProbe(t.zeroshot, data.tokenizer, t.zeroshot_ref, t.zeroshot_calibrate, t.zeroshot_limit)
-        trainer = Trainer(cfg, run_dir, data, saved, force=force, probe=probe)  # the checkpoint is read once
-        del saved, saved_tokenizer  # its tensors (weights, AdamW moments) are copied in: free them
+        trainer = Trainer(cfg, run_dir, data, saved, force=force, probe=probe, init=init)  # checkpoints read once
+        del saved, saved_tokenizer, init  # their tensors (weights, AdamW moments) are copied in: free them
         if trainer.ddp.is_main:
             write_run_files(run_dir, cfg, data, {"device": str(trainer.device), "dtype": str(trainer.dtype)})
             if resume:
@@ -606,6 +630,45 @@ def train(
             shutdown_distributed(trainer.ddp)
         if lock is not None:
             lock.release()
+
+
+# What a run started --init-from another may set differently: the dropout, a regulariser of training rather
+# than part of the weights. The tokenizer is the other run's too (the embedding rows are its tokens).
+INIT_CHANGEABLE_MODEL = {"dropout", "attn_dropout"}
+INIT_FIXED_DATA = {"tokenizer", "bpe_vocab_size", "vocab_dir", "data_path"}
+
+
+def init_config(source: str, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    """The configuration of a run that continues pre-training from `source`'s weights: its architecture,
+    tokenizer and training settings, with `overrides` (the command line's) on top.
+
+    A new --dataset without --val-data validates on the new corpus, not on the old run's validation
+    text. Changing the architecture or the tokenizer is refused: the weights would not fit."""
+    from slmkit.config import apply_overrides
+
+    cfg = load_checkpoint(find_checkpoint(source)).config
+    fixed = sorted([n for n in overrides.get("model", {}) if n not in INIT_CHANGEABLE_MODEL]
+                   + [n for n in overrides.get("data", {}) if n in INIT_FIXED_DATA])
+    if fixed:
+        raise UserError(f"--init-from keeps {source}'s architecture and tokenizer; cannot change: {', '.join(fixed)}")
+    if "dataset" in overrides.get("data", {}) and "val_data" not in overrides["data"]:
+        cfg.data.val_data = ""
+    cfg.train.zeroshot = cfg.train.logger = ""  # the old run's probes and trackers are not this run's choice
+    apply_overrides(cfg, overrides, source="command line")
+    cfg.train.init_from = str(source)
+    cfg.validate()
+    return cfg
+
+
+def check_init_architecture(init: Checkpoint, cfg: RunConfig) -> None:
+    """The run's model must be the one whose weights it starts from (dropout aside)."""
+    theirs, ours = dataclasses.asdict(init.config.model), dataclasses.asdict(cfg.model)
+    for name, value in ours.items():
+        if name in INIT_CHANGEABLE_MODEL or (name == "vocab_size" and value == 0):
+            continue
+        if theirs.get(name) != value:
+            raise UserError(f"--init-from {cfg.train.init_from}: the model must be that run's, whose {name} is "
+                            f"{theirs.get(name)}, not {value}")
 
 
 def check_same_data(saved: RunConfig, cfg: RunConfig) -> None:

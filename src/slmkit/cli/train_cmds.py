@@ -36,13 +36,22 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from slmkit.train import resume_config, train
+    from slmkit.train import init_config, resume_config, train
 
     flags = config_flags(args)
     note = None
+    init_from = flags.get("train", {}).pop("init_from", "")
     if args.resume:
+        if init_from:
+            raise UserError("--resume continues a run, which started from its own weights; drop --init-from")
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, flags)
+    elif init_from:
+        if args.preset or args.config:
+            raise UserError("--init-from takes the configuration of the run it starts from; change it with flags, "
+                            "not --preset or --config")
+        cfg = init_config(init_from, flags)
+        run_dir = Path(args.out_dir) if args.out_dir else Path("runs") / f"{Path(init_from).name}-continued"
     else:
         cfg, note = _new_run_config(args, flags)
         run_dir = Path(args.out_dir) if args.out_dir else default_run_dir(cfg)

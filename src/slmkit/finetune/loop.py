@@ -424,6 +424,11 @@ class _Job:
     baseline: dict[str, float] = field(default_factory=dict)  # the dev set's majority-class scores
 
 
+def label_subset(n_examples: int, budget: int, seed: int) -> np.ndarray:
+    """The indices, in file order, of the `budget` training examples --max-train BUDGET --seed SEED uses."""
+    return np.sort(np.random.default_rng(seed).permutation(n_examples)[:budget])
+
+
 def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_path: str | Path,
               test_path: str | Path | None, cfg: FinetuneConfig, log: RunLog) -> _Job:
     ckpt = _load_source(source)
@@ -436,8 +441,7 @@ def _load_job(source: str | Path, spec: TaskSpec, train_path: str | Path, dev_pa
 
     _, train_enc = _load_split(spec, train_path, tokenizer, max_len, log, "train")
     if cfg.max_train and len(train_enc) > cfg.max_train:
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_enc))[: cfg.max_train])
-        train_enc = [train_enc[i] for i in keep]
+        train_enc = [train_enc[i] for i in label_subset(len(train_enc), cfg.max_train, cfg.seed)]
         log.text(f"train: using a random subset of {len(train_enc)} examples (--max-train, seed {cfg.seed})")
     dev = _load_split(spec, dev_path, tokenizer, max_len, log, "dev")
     test = _load_split(spec, test_path, tokenizer, max_len, log, "test") if test_path else None
