@@ -139,6 +139,27 @@ def test_multiple_choice_softmax_masks_padding_choices(char_setup):
     assert torch.isfinite(loss)
 
 
+def test_mean_pool_reads_the_average_of_the_real_tokens(char_setup):
+    gpt, tok = char_setup
+    spec = get_task("sst2")
+    model = FineTuneModel(gpt, spec, pool="mean").eval()
+    short = encode_example(spec, tok, Example(["a cat"], [], 1, 1), 48)
+    long = encode_example(spec, tok, Example(["the dog ran far away"], [], 0, 2), 48)
+    with torch.no_grad():
+        batch = model(collate([short, long])).logits
+        alone = model(collate([short])).logits
+        ids = torch.tensor([short.seqs[0]])
+        expected = model.head(gpt.hidden_states(ids)[0].mean(dim=0))
+        extract = FineTuneModel(gpt, spec).eval()
+        extract.head.load_state_dict(model.head.state_dict())
+        at_extract = extract(collate([short])).logits
+    assert torch.allclose(batch[0], alone[0], atol=1e-5)  # padding in the batch changes nothing
+    assert torch.allclose(alone[0], expected, atol=1e-5)
+    assert not torch.allclose(alone, at_extract, atol=1e-3)
+    with pytest.raises(UserError, match="--pool must be one of extract, mean"):
+        FineTuneModel(gpt, spec, pool="max")
+
+
 def test_lm_coef_zero_is_exactly_the_task_loss(char_setup):
     gpt, tok = char_setup
     spec = get_task("rte")
@@ -319,6 +340,17 @@ def test_tiny_model_learns_separable_task(toy_task, tmp_path):
     ft = FineTuned.load(tmp_path / "ft")
     assert ft.evaluate(paths["dev"])["accuracy"] == pytest.approx(r.best_dev["accuracy"])
     assert ft.info["label_mapping"]["1"]["value"] == "1" and ft.spec.name == "toy"
+
+
+def test_a_mean_pooled_model_is_saved_and_loaded_as_one(toy_task, tmp_path):
+    ckpt, paths = toy_task
+    spec = spec_from_flags("toy", "classification", "tsv", "text", "label", labels="0,1")
+    cfg = FinetuneConfig(learning_rate=3e-3, batch_size=16, epochs=2, warmup_frac=0.1, device="cpu", dtype="float32",
+                         pool="mean")
+    r = finetune(ckpt, spec, paths["train"], paths["dev"], tmp_path / "ft", cfg, progress=False)
+    ft = FineTuned.load(tmp_path / "ft")
+    assert ft.model.pool == "mean" and ft.info["pool"] == "mean"
+    assert ft.evaluate(paths["dev"])["accuracy"] == pytest.approx(r.best_dev["accuracy"])
 
 
 def test_cli_finetune_predict_evaluate(toy_task, tmp_path, capsys, monkeypatch):

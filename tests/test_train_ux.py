@@ -95,7 +95,7 @@ def test_init_from_starts_from_the_runs_weights_with_a_fresh_schedule(tiny_corpu
     from slmkit.checkpoint import load_checkpoint
 
     base = tmp_path / "base"
-    train(tiny_config(tiny_corpus, max_iters=6, eval_interval=3), base, progress=False)
+    train(tiny_config(tiny_corpus, max_iters=6, eval_interval=3, logger="csv"), base, progress=False)
     out, _ = run_cli(capsys, "train", "--init-from", str(base), "--dataset", str(other_text(tmp_path)),
                      "--max-iters", "2", "--eval-interval", "2", "--warmup-iters", "0", "--lr", "1e-9",
                      "--dropout", "0.1", "--out-dir", str(tmp_path / "more"))
@@ -103,6 +103,7 @@ def test_init_from_starts_from_the_runs_weights_with_a_fresh_schedule(tiny_corpu
     cfg = json.loads((tmp_path / "more" / "config.json").read_text())
     assert cfg["train"]["init_from"] == str(base) and cfg["model"]["n_embd"] == 32 and cfg["model"]["dropout"] == 0.1
     assert cfg["data"]["dataset"].endswith("other.txt") and cfg["data"]["val_data"] == ""
+    assert cfg["train"]["logger"] == "" and not (tmp_path / "more" / "metrics.csv").exists()  # trackers: opt in
     assert (tmp_path / "more" / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
     # At a learning rate of 1e-9 two steps leave the base run's weights as they were.
     old = load_checkpoint(base / "ckpt_best.safetensors")

@@ -69,3 +69,17 @@ def test_cells_of_another_fine_tuning_recipe_are_not_mixed_in(study, tmp_path):
     assert s.results["recipe"]["dropout"] == -1.0
     with pytest.raises(SystemExit):
         s.claim_recipe(replace(study.SCALES["quick"], dropout=0.1))
+
+
+def test_the_pooled_head_is_part_of_the_recipe(study, tmp_path):
+    from dataclasses import replace
+
+    s = study.Study(study.SCALES["quick"], tmp_path, tmp_path / "runs", fresh=True)
+    # A file recorded before the pooling was a setting: GPT-1's extract token.
+    s.results["recipe"] = {"min_steps": 300, "max_epochs": 20, "lm_coef": 0.5, "dropout": -1.0}
+    s.results["cells"]["sst2/1000/pretrained/s0/lr0.001"] = dict(task="sst2", budget=1000, init="pretrained",
+                                                                  seed=0, lr=1e-3, dev=0.8)
+    s.claim_recipe(study.SCALES["quick"])
+    assert s.results["recipe"]["pool"] == "extract"
+    with pytest.raises(SystemExit, match="holds cells of the fine-tuning recipe"):
+        s.claim_recipe(replace(study.SCALES["quick"], pool="mean"))

@@ -35,7 +35,8 @@ SHARED = REPO.parent / "shared" / "data"
 GUTENBERG = SHARED / "corpus" / "gutenberg"
 INITS = ("pretrained", "random", "no_aux")  # no_aux: pre-trained, fine-tuned with lambda = 0
 # dropout: the transformer's dropout while fine-tuning; -1 keeps the pre-trained model's.
-DEFAULT_RECIPE = {"min_steps": 300, "max_epochs": 20, "lm_coef": 0.5, "dropout": -1.0}
+# pool: what the classifier reads (GPT-1's extract token, or the mean over the tokens).
+DEFAULT_RECIPE = {"min_steps": 300, "max_epochs": 20, "lm_coef": 0.5, "dropout": -1.0, "pool": "extract"}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -57,6 +58,7 @@ class Scale:
     max_epochs: int = DEFAULT_RECIPE["max_epochs"]
     lm_coef: float = DEFAULT_RECIPE["lm_coef"]
     dropout: float = DEFAULT_RECIPE["dropout"]
+    pool: str = DEFAULT_RECIPE["pool"]
     extra: dict = field(default_factory=dict)
 
 
@@ -143,7 +145,7 @@ def finetune_cell(pretrained: Path, runs: Path, scale: Scale, task: str, budget:
     cfg = FinetuneConfig(learning_rate=lr, batch_size=scale.batch_size, epochs=epochs_for(scale, examples),
                          warmup_frac=0.1, lm_coef=0.0 if init == "no_aux" else scale.lm_coef, clf_dropout=0.1,
                          max_train=budget, random_init=init == "random", seed=seed, device=scale.device,
-                         max_len=128, dropout=scale.dropout)
+                         max_len=128, dropout=scale.dropout, pool=scale.pool)
     name = f"{task}-{budget or 'all'}-{init}-lr{lr:g}-s{seed}"
     r = finetune(pretrained, spec, task_file(task, "train"), task_file(task, "dev"), runs / name, cfg,
                  overwrite=True, progress=False)
@@ -300,6 +302,8 @@ def main() -> None:
     ap.add_argument("--lm-coef", type=float, help="lambda of the auxiliary LM objective; default: the scale's (0.5)")
     ap.add_argument("--dropout", type=float, help="the transformer's dropout while fine-tuning; default: the "
                     "pre-trained model's")
+    ap.add_argument("--pool", choices=("extract", "mean"), help="what the classifier reads of the last layer: "
+                    "extract (GPT-1, the default) or mean (every token's state averaged)")
     ap.add_argument("--out", help="where results.* and curves.png go (default: this folder, or "
                                   "runs/transfer/quick for --quick)")
     ap.add_argument("--runs", default="runs/transfer", help="where the pre-trained and fine-tuned runs go")

@@ -653,7 +653,8 @@ def init_config(source: str, overrides: dict[str, dict[str, Any]]) -> RunConfig:
         raise UserError(f"--init-from keeps {source}'s architecture and tokenizer; cannot change: {', '.join(fixed)}")
     if "dataset" in overrides.get("data", {}) and "val_data" not in overrides["data"]:
         cfg.data.val_data = ""
-    cfg.train.zeroshot = cfg.train.logger = ""  # the old run's probes and trackers are not this run's choice
+    t = cfg.train  # the old run's probes and trackers are not this run's choice
+    t.zeroshot, t.zeroshot_ref, t.zeroshot_calibrate, t.zeroshot_limit, t.logger = "", "", "", 0, ""
     apply_overrides(cfg, overrides, source="command line")
     cfg.train.init_from = str(source)
     cfg.validate()

@@ -107,11 +107,20 @@ class Output:
     lm_loss: torch.Tensor | None
 
 
+POOLS = ("extract", "mean")
+
+
 class FineTuneModel(nn.Module):
-    def __init__(self, gpt: GPT, spec: TaskSpec, clf_dropout: float = 0.1):
+    """`pool` is what the head reads of the last layer: GPT-1's state at the extract token, or the mean
+    of the states of every token of the sequence (padding excluded)."""
+
+    def __init__(self, gpt: GPT, spec: TaskSpec, clf_dropout: float = 0.1, pool: str = "extract"):
         super().__init__()
+        if pool not in POOLS:
+            raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.gpt = gpt
         self.spec = spec
+        self.pool = pool
         self.dropout = Dropout(clf_dropout)
         self.head = nn.Linear(gpt.config.n_embd, spec.num_outputs)
         nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
@@ -126,7 +135,11 @@ class FineTuneModel(nn.Module):
         x, xl = (flat, flat_len) if all_valid else (flat[valid], flat_len[valid])
         h = self.gpt.hidden_states(x)  # [N, T, C]: one call for every order / answer
         rows = torch.arange(x.size(0), device=x.device)
-        at_e = h[rows, xl - 1]  # the extract token is the last real token of each sequence
+        if self.pool == "mean":
+            real = (torch.arange(T, device=x.device)[None, :] < xl[:, None]).to(h.dtype)
+            at_e = (h * real[:, :, None]).sum(dim=1) / xl[:, None].to(h.dtype)
+        else:
+            at_e = h[rows, xl - 1]  # the extract token is the last real token of each sequence
         lm_loss = None
         if with_lm:
             # L1 on the transformed sequence: position t predicts token t+1, pads excluded.

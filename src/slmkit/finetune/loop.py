@@ -38,7 +38,7 @@ from slmkit.fileio import (
     user_entries,
 )
 from slmkit.finetune import metrics as M
-from slmkit.finetune.heads import FineTuneModel, add_special_tokens, transfer_layers
+from slmkit.finetune.heads import POOLS, FineTuneModel, add_special_tokens, transfer_layers
 from slmkit.finetune.tasks import Example, TaskSpec, read_examples
 from slmkit.finetune.transforms import Encoded, collate, encode_examples
 from slmkit.model import GPT
@@ -79,6 +79,8 @@ class FinetuneConfig:
     warmup_frac: float = option(0.002, "linear warmup, fraction of all steps")
     lm_coef: float = option(0.5, "lambda of the auxiliary LM objective (L3 = L2 + lambda L1); 0 = off")
     clf_dropout: float = option(0.1, "dropout before the linear head")
+    pool: str = option("extract", "what the head reads of the last layer: extract (GPT-1: the state at the extract "
+                                  "token) or mean (the states of every token averaged)", choices=POOLS)
     weight_decay: float = option(0.01, "AdamW decay on weight matrices")
     grad_clip: float = option(1.0, "gradient-norm clip; 0 = off")
     max_len: int = option(0, "truncate sequences to this many tokens; 0 = the model's context (block_size)")
@@ -166,7 +168,7 @@ def build_for_finetuning(ckpt: Checkpoint, spec: TaskSpec, cfg: FinetuneConfig) 
     if keep is not None and keep < mcfg.n_layer:
         transfer_layers(gpt, keep, cfg.seed)
     tokenizer = add_special_tokens(gpt, ckpt.tokenizer, seed=cfg.seed)
-    model = FineTuneModel(gpt, spec, cfg.clf_dropout)
+    model = FineTuneModel(gpt, spec, cfg.clf_dropout, cfg.pool)
     return model, tokenizer
 
 
@@ -195,7 +197,7 @@ class FineTuned:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise UserError(f"{ckpt.path} has a corrupted fine-tuning record; fine-tune again") from None
         gpt = build_model(ckpt)
-        model = FineTuneModel(gpt, spec, info.get("clf_dropout", 0.1))
+        model = FineTuneModel(gpt, spec, info.get("clf_dropout", 0.1), info.get("pool", "extract"))
         head = {k[len("head."):]: v for k, v in ckpt.tensors.items() if k.startswith("head.")}
         model.head.load_state_dict(head)
         dev = resolve_device(device)
@@ -513,7 +515,7 @@ def _train(job: _Job, run_dir: Path, log: RunLog) -> FinetuneResult:
 
     info = {
         "spec": spec.to_dict(), "label_mapping": _label_mapping(spec), "lm_coef": cfg.lm_coef,
-        "clf_dropout": cfg.clf_dropout, "max_len": job.max_len, "source": str(job.ckpt.path),
+        "clf_dropout": cfg.clf_dropout, "pool": cfg.pool, "max_len": job.max_len, "source": str(job.ckpt.path),
         "transfer_layers": job.transferred, "config": asdict(cfg),
     }
     save_cfg = job.ckpt.config
