@@ -98,3 +98,16 @@ def cli_fails(argv: list, capsys, match: str | None = None) -> str:
     if match is not None:
         assert re.search(match, line), line
     return line
+
+
+def import_script(path: Path, name: str):
+    """An experiment script (not a package module) imported as `name`; registered in sys.modules first,
+    since dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,23 +1,18 @@
 """experiments/transfer/baselines.py: the logistic regressions behind the bag-of-words and
 linear-probe references (the features come from slmkit's model, tested on its own)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "transfer" / "baselines.py"
 
 
 @pytest.fixture(scope="module")
 def baselines():
-    spec = importlib.util.spec_from_file_location("transfer_baselines", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT, "transfer_baselines")
 
 
 def test_probe_learns_a_signal_and_not_noise(baselines):

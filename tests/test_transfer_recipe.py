@@ -1,22 +1,17 @@
 """experiments/transfer/recipe.py: the held-out split the fine-tuning recipe is chosen on, and the
 coordinate search over the recipe (its fine-tunes are `slm finetune`, tested on their own)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "transfer" / "recipe.py"
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("transfer_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT, "transfer_recipe")
 
 
 def write_tsv(path: Path, n: int) -> list[str]:

@@ -1,23 +1,18 @@
 """experiments/transfer/run.py: the statistics and the bookkeeping of the pre-training study (its
 fine-tuning runs are `slm finetune`, tested on their own)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "transfer" / "run.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("transfer_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT, "transfer_study")
 
 
 def test_interval_is_the_95_percent_t_interval(study):
